@@ -1,0 +1,173 @@
+"""Quantization configuration: frozen, validated dataclasses and named presets.
+
+A ``QuantSpec`` says how one tensor is quantized (bits, grouping, symmetry, how its range is chosen);
+a ``QuantConfig`` says how a whole model is: the weight spec, the optional activation spec, the
+rounding method and per-layer overrides by module-path glob.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .errors import ConfigError
+from .primitives import quant_range
+
+GRANULARITIES = ("channel", "group", "tensor")
+WEIGHT_OBSERVERS = ("minmax", "mse")
+ACTIVATION_OBSERVERS = ("minmax", "percentile", "mse")
+BLOCK_GRANULARITIES = ("block", "layer")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    bits:        2..8.
+    group_size:  -1 (one scale per output channel or per tensor) or the number of consecutive input
+                 elements that share a scale; it must divide the layer's input dimension (for a conv,
+                 in_channels/groups * kernel elements).
+    symmetric:   codes in [-2^(b-1), 2^(b-1)-1] with zero point 0, else [0, 2^b-1] with a zero point.
+    granularity: "channel" | "group" | "tensor"; inferred from group_size when left None.
+    observer:    how the range is chosen: "minmax", "mse" (clip-ratio search), "percentile" (activations).
+    percentile:  the percentile of |x| used by the percentile observer.
+    """
+
+    bits: int = 8
+    group_size: int = -1
+    symmetric: bool = True
+    granularity: str | None = None
+    observer: str = "minmax"
+    percentile: float = 99.99
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ConfigError(f"QuantSpec.bits must be an integer in 2..8, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or not (self.group_size == -1 or self.group_size >= 2):
+            raise ConfigError(f"QuantSpec.group_size must be -1 or an integer >= 2, got {self.group_size!r}")
+        granularity = self.granularity
+        if granularity is None:
+            granularity = "group" if self.group_size > 0 else "channel"
+            object.__setattr__(self, "granularity", granularity)
+        if granularity not in GRANULARITIES:
+            raise ConfigError(f"QuantSpec.granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if (granularity == "group") != (self.group_size > 0):
+            raise ConfigError(
+                f"QuantSpec(granularity={granularity!r}, group_size={self.group_size}): 'group' needs a "
+                "positive group_size and 'channel'/'tensor' need group_size=-1")
+        if self.observer not in ACTIVATION_OBSERVERS:
+            raise ConfigError(f"QuantSpec.observer must be one of {ACTIVATION_OBSERVERS}, got {self.observer!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"QuantSpec.percentile must be in (50, 100], got {self.percentile!r}")
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        """(qmin, qmax) of this spec's codes."""
+        return quant_range(self.bits, self.symmetric)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a whole model is quantized.
+
+    weight:          the spec of every quantizable weight (linear, conv, matmul with a parameter).
+    activation:      None (weight-only) or the spec of the inputs of quantized ops (per tensor).
+    method:          the rounding optimizer's registered name (``qcompile.rounding.available()``).
+    method_options:  keyword options for that optimizer.
+    granularity:     "block" (residual blocks / transformer layers) or "layer" (one quantizable op a block).
+    overrides:       module-path glob -> QuantSpec (that layer's weight spec) or None (keep it float);
+                     the first matching glob wins.
+    seed:            seeds every random choice (sample order, initialisations) for reproducible runs.
+    """
+
+    weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8))
+    activation: QuantSpec | None = None
+    method: str = "rtn"
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    granularity: str = "block"
+    overrides: Mapping[str, QuantSpec | None] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.weight, QuantSpec):
+            raise ConfigError(f"QuantConfig.weight must be a QuantSpec, got {type(self.weight).__name__}")
+        if self.weight.observer == "percentile":
+            raise ConfigError("QuantConfig.weight.observer must be 'minmax' or 'mse' ('percentile' is for activations)")
+        if self.activation is not None:
+            if not isinstance(self.activation, QuantSpec):
+                raise ConfigError("QuantConfig.activation must be None or a QuantSpec")
+            if self.activation.granularity != "tensor":
+                raise ConfigError("activations are quantized per tensor: use QuantSpec(..., granularity='tensor')")
+        if self.granularity not in BLOCK_GRANULARITIES:
+            raise ConfigError(f"QuantConfig.granularity must be one of {BLOCK_GRANULARITIES}, got {self.granularity!r}")
+        if not isinstance(self.method, str) or not self.method:
+            raise ConfigError("QuantConfig.method must be the name of a registered rounding optimizer")
+        for pattern, spec in self.overrides.items():
+            if not isinstance(pattern, str) or not (spec is None or isinstance(spec, QuantSpec)):
+                raise ConfigError(f"QuantConfig.overrides[{pattern!r}] must map a glob string to a QuantSpec or None")
+        object.__setattr__(self, "method_options", MappingProxyType(dict(self.method_options)))
+        object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
+
+    def weight_spec_for(self, module_path: str) -> tuple[QuantSpec | None, str | None]:
+        """(spec, matching glob) for the layer at ``module_path``: the first matching override, else ``weight``."""
+        for pattern, spec in self.overrides.items():
+            if fnmatch.fnmatchcase(module_path, pattern):
+                return spec, pattern
+        return self.weight, None
+
+    def to_dict(self) -> dict:
+        """A JSON-ready description (saved beside a quantized model; hashed for checkpoints)."""
+        return {
+            "weight": dataclasses.asdict(self.weight),
+            "activation": None if self.activation is None else dataclasses.asdict(self.activation),
+            "method": self.method,
+            "method_options": dict(self.method_options),
+            "granularity": self.granularity,
+            "overrides": {k: None if v is None else dataclasses.asdict(v) for k, v in self.overrides.items()},
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
+        activation = data.get("activation")
+        return cls(
+            weight=QuantSpec(**data["weight"]),
+            activation=None if activation is None else QuantSpec(**activation),
+            method=data["method"],
+            method_options=data.get("method_options", {}),
+            granularity=data.get("granularity", "block"),
+            overrides={k: None if v is None else QuantSpec(**v) for k, v in data.get("overrides", {}).items()},
+            seed=data.get("seed", 0),
+        )
+
+    def fingerprint(self) -> str:
+        """A stable hash of the config (sha256 of its canonical JSON)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+_W8 = QuantSpec(bits=8, symmetric=True)
+_W4 = QuantSpec(bits=4, symmetric=False)
+_W4G128 = QuantSpec(bits=4, group_size=128, symmetric=False)
+_A8 = QuantSpec(bits=8, symmetric=False, granularity="tensor")
+
+PRESETS: Mapping[str, QuantConfig] = MappingProxyType({
+    "w8a16-rtn": QuantConfig(weight=_W8),
+    "w4a16-rtn": QuantConfig(weight=_W4),
+    "w4g128-rtn": QuantConfig(weight=_W4G128),
+    "w8a8-rtn": QuantConfig(weight=_W8, activation=_A8),
+})
+
+
+def resolve_config(config: "QuantConfig | str") -> QuantConfig:
+    """A QuantConfig, given one or the name of a preset."""
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ConfigError(f"unknown preset {config!r}; presets: {sorted(PRESETS)}")
+        return PRESETS[config]
+    raise ConfigError(f"config must be a QuantConfig or a preset name, got {type(config).__name__}")

@@ -1,0 +1,230 @@
+"""capture: nn.Module -> fx.GraphModule.
+
+Tries ``torch.export`` (non-strict, every input dim ``Dim.AUTO`` so that batch and sequence length stay
+dynamic where the model allows) and falls back to ``torch.fx`` symbolic tracing through every module.
+Writes ``META_MODULE_PATH`` on every node (from ``nn_module_stack``) and ``GM_CAPTURED_BY`` (plus
+``GM_INPUT_NAMES`` for FX graphs) on the GraphModule. The graph is flat: export's input-guard module
+is dropped (``flatten_inputs`` checks inputs instead) and ``torch.no_grad`` regions are inlined.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from typing import Any
+
+import torch
+from torch import fx
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from ..errors import CalibrationError, CaptureError
+from ..ir import GM_CAPTURED_BY, GM_INPUT_NAMES, META_MODULE_PATH
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    """Trace ``model(*args, **kwargs)`` (in eval mode) to a flat GraphModule with module paths on nodes."""
+    with _inference_settings(model):
+        try:
+            gm = _export(model, args, kwargs)
+        except Exception as export_error:  # noqa: BLE001 - any export failure falls back to FX
+            try:
+                gm = _fx_trace(model)
+            except Exception as fx_error:  # noqa: BLE001
+                raise CaptureError(
+                    f"could not capture {type(model).__name__}: torch.export failed with "
+                    f"{type(export_error).__name__}: {_first_line(export_error)}; torch.fx failed with "
+                    f"{type(fx_error).__name__}: {_first_line(fx_error)}. Make data-dependent control flow "
+                    "static (torch.cond or fixed shapes), or quantize a sub-module that traces") from export_error
+            warnings.warn(f"torch.export could not capture {type(model).__name__} "
+                          f"({_first_line(export_error)}); using torch.fx symbolic tracing", stacklevel=3)
+    _annotate_module_paths(gm)
+    return gm
+
+
+@contextlib.contextmanager
+def _inference_settings(model: torch.nn.Module):
+    """Eval mode and, for Hugging Face models, no KV cache in the output; restored afterwards."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if was_training:
+        warnings.warn(f"{type(model).__name__} is in train mode; qcompile captures and quantizes it with eval "
+                      "semantics (BatchNorm running statistics, no dropout)", stacklevel=4)
+    model.eval()
+    if use_cache:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if use_cache:
+            config.use_cache = use_cache
+
+
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict | None:
+    """Dim.AUTO for every dim of every tensor input, keyed by forward's parameter names."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    params = inspect.signature(model.forward).parameters
+    if any(params[name].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+           for name in bound.arguments):
+        return None
+    auto = lambda t: {i: Dim.AUTO for i in range(t.dim())} if isinstance(t, torch.Tensor) else None  # noqa: E731
+    return {name: pytree.tree_map(auto, value) for name, value in bound.arguments.items()}
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs),
+                                       strict=False)
+    gm = exported.module()
+    _drop_guard_modules(gm)
+    _inline_grad_regions(gm)
+    gm.meta[GM_CAPTURED_BY] = "torch.export"
+    return gm
+
+
+class _TraceThroughModules(fx.Tracer):
+    """Symbolic tracer that enters every module, so that linear/conv become functional calls on
+    get_attr weights, as in exported graphs."""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return False
+
+
+def _fx_trace(model: torch.nn.Module) -> fx.GraphModule:
+    graph = _TraceThroughModules().trace(model)
+    gm = fx.GraphModule(model, graph, type(model).__name__)
+    gm.meta[GM_CAPTURED_BY] = "torch.fx"
+    gm.meta[GM_INPUT_NAMES] = [node.target for node in graph.nodes if node.op == "placeholder"]
+    return gm
+
+
+def _drop_guard_modules(gm: fx.GraphModule) -> None:
+    """Remove the input-guard call_module that ``ExportedProgram.module()`` inserts."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target.startswith("_guards"):
+            gm.graph.erase_node(node)
+            delattr(gm, node.target)
+    gm.recompile()
+
+
+def _inline_grad_regions(gm: fx.GraphModule) -> None:
+    """Inline ``wrap_with_set_grad_enabled`` sub-graphs (``torch.no_grad`` regions): qcompile runs
+    the graph for inference, where they are plain code."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or getattr(node.target, "__name__", "") != "wrap_with_set_grad_enabled":
+            continue
+        _, submod_node, *operands = node.args
+        submod = getattr(gm, submod_node.target)
+        placeholders = [n for n in submod.graph.nodes if n.op == "placeholder"]
+        env = dict(zip(placeholders, operands))
+        with gm.graph.inserting_before(node):
+            for inner in submod.graph.nodes:
+                if inner.op in ("placeholder", "output"):
+                    continue
+                if inner.op == "get_attr":
+                    qualified = f"{submod_node.target}.{inner.target}"
+                    env[inner] = gm.graph.get_attr(qualified)
+                    continue
+                env[inner] = gm.graph.node_copy(inner, lambda n: env[n])
+            result = fx.map_arg(next(n for n in submod.graph.nodes if n.op == "output").args[0], lambda n: env[n])
+        results = result if isinstance(result, (tuple, list)) else (result,)
+        for user in list(node.users):
+            if user.op == "call_function" and getattr(user.target, "__name__", "") == "getitem":
+                user.replace_all_uses_with(results[user.args[1]])
+                gm.graph.erase_node(user)
+        if node.users:
+            node.replace_all_uses_with(result)
+        gm.graph.erase_node(node)
+        if not submod_node.users:
+            gm.graph.erase_node(submod_node)
+        changed = True
+    if changed:
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+
+
+def _annotate_module_paths(gm: fx.GraphModule) -> None:
+    """META_MODULE_PATH = the innermost module of ``nn_module_stack`` ("" for the top module)."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        path = ""
+        for entry in reversed(list(stack.values())):
+            candidate = entry[0] if isinstance(entry, tuple) else str(entry)
+            if not candidate.startswith("_empty_nn_module_stack"):
+                path = candidate
+                break
+        if node.op == "get_attr" and not path:
+            path = node.target.rpartition(".")[0]
+        node.meta[META_MODULE_PATH] = path
+
+
+def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict, batch_index: int) -> list[Any]:
+    """The graph's placeholder values for one call ``model(*args, **kwargs)``.
+
+    Raises CalibrationError naming the batch and the input when the structure, dtype or a static dim
+    differs from what the graph was captured with.
+    """
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    if gm.meta.get(GM_CAPTURED_BY) == "torch.fx":
+        names = gm.meta[GM_INPUT_NAMES]
+        bound = dict(zip(names, args))
+        unknown = set(kwargs) - set(names)
+        if len(args) > len(names) or unknown:
+            raise CalibrationError(f"calibration batch {batch_index} does not match forward({', '.join(names)}): "
+                                   f"{len(args)} positional inputs, keyword inputs {sorted(kwargs)}")
+        bound.update(kwargs)
+        flat = []
+        for node in placeholders:
+            if node.target in bound:
+                flat.append(bound[node.target])
+            elif node.args:
+                flat.append(node.args[0])
+            else:
+                raise CalibrationError(f"calibration batch {batch_index} has no value for input {node.target!r}")
+        return flat
+    in_spec = gm.graph._codegen.pytree_info.in_spec
+    expected_keys = list(in_spec.children_specs[1].context) if in_spec.num_children == 2 else []
+    if set(kwargs) != set(expected_keys):
+        raise CalibrationError(f"calibration batch {batch_index} has keyword inputs {sorted(kwargs)} but the model "
+                               f"was captured with {sorted(expected_keys)}; give every batch the same inputs")
+    ordered = {key: kwargs[key] for key in expected_keys}
+    flat, spec = pytree.tree_flatten((tuple(args), ordered))
+    if spec != in_spec:
+        raise CalibrationError(f"calibration batch {batch_index} has the input structure {spec} but the model was "
+                               f"captured with {in_spec}; give every batch the same structure")
+    for node, value in zip(placeholders, flat):
+        _check_input(node, value, batch_index)
+    return flat
+
+
+def _check_input(node: fx.Node, value: Any, batch_index: int) -> None:
+    expected = node.meta.get("val")
+    if not isinstance(expected, torch.Tensor):
+        return
+    if not isinstance(value, torch.Tensor):
+        raise CalibrationError(f"calibration batch {batch_index}: input {node.name!r} must be a tensor, got "
+                               f"{type(value).__name__}")
+    if value.dtype != expected.dtype:
+        raise CalibrationError(f"calibration batch {batch_index}: input {node.name!r} has dtype {value.dtype}, the "
+                               f"model was captured with {expected.dtype}")
+    if value.dim() != expected.dim():
+        raise CalibrationError(f"calibration batch {batch_index}: input {node.name!r} has shape {tuple(value.shape)}, "
+                               f"the model was captured with {tuple(expected.shape)}")
+    for dim, (size, captured) in enumerate(zip(value.shape, expected.shape)):
+        if isinstance(captured, int) and size != captured:
+            raise CalibrationError(
+                f"calibration batch {batch_index}: input {node.name!r} has shape {tuple(value.shape)} but dim {dim} "
+                f"was captured as fixed at {captured} (captured shape {tuple(expected.shape)}); calibrate with "
+                "inputs of the shape the model is used with")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__

@@ -1,0 +1,207 @@
+"""Pure quantization math. Every formula lives here once; passes and optimizers call it.
+
+Conventions. A weight is quantized as a matrix ``w`` of shape [rows, cols]: rows are output channels,
+cols the reduction (input) elements of one output. Group-wise quantization splits cols into
+``cols // group_size`` groups; ``scale`` and ``zero_point`` have shape [rows, n_groups] (a per-channel
+spec has n_groups = 1, a per-tensor spec rows = n_groups = 1). Codes are integers in [qmin, qmax]:
+symmetric specs use [-2^(b-1), 2^(b-1)-1] with zero point 0, asymmetric [0, 2^b-1].
+Scales are computed in float32 whatever the weight dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCALE_EPS = 1e-12
+
+
+def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """(qmin, qmax) of b-bit codes."""
+    if symmetric:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def code_dtype(symmetric: bool) -> torch.dtype:
+    """The storage dtype of unpacked codes and zero points: int8 (symmetric) or uint8 (asymmetric)."""
+    return torch.int8 if symmetric else torch.uint8
+
+
+def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[rows, cols] -> [rows, n_groups, group] (group_size -1: one group of all cols)."""
+    rows, cols = w.shape
+    size = cols if group_size == -1 else group_size
+    return w.reshape(rows, cols // size, size)
+
+
+def scale_zero_point(w_min: torch.Tensor, w_max: torch.Tensor, bits: int, symmetric: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine scale and integer zero point that map [w_min, w_max] onto the b-bit code range.
+
+    Symmetric: scale = max(|min|, |max|) / ((qmax - qmin) / 2), zero point 0 (as torchao / GPTQ).
+    Asymmetric: the range is widened to include 0; scale = (max - min) / (qmax - qmin),
+    zero point = clamp(round(-min / scale)). Returns float32 scale and zero point (integer valued).
+    """
+    qmin, qmax = quant_range(bits, symmetric)
+    w_min = torch.minimum(w_min.float(), torch.zeros_like(w_min, dtype=torch.float32))
+    w_max = torch.maximum(w_max.float(), torch.zeros_like(w_max, dtype=torch.float32))
+    if symmetric:
+        scale = torch.maximum(-w_min, w_max) / ((qmax - qmin) / 2)
+        scale = scale.clamp_min(SCALE_EPS)
+        return scale, torch.zeros_like(scale)
+    scale = ((w_max - w_min) / (qmax - qmin)).clamp_min(SCALE_EPS)
+    zero_point = torch.clamp(torch.round(-w_min / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+             ) -> torch.Tensor:
+    """Integer-valued codes clamp(round(x / scale) + zero_point, qmin, qmax), in float32 (broadcasting)."""
+    return torch.clamp(torch.round(x.float() / scale) + zero_point, qmin, qmax)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """(codes - zero_point) * scale in float32 (broadcasting)."""
+    return (codes.float() - zero_point.float()) * scale.float()
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+                  ) -> torch.Tensor:
+    """dequantize(quantize(x)), in x's dtype."""
+    return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point).to(x.dtype)
+
+
+def minmax_range(w: torch.Tensor, group_size: int, per_tensor: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (or per-tensor) min and max of a [rows, cols] matrix, each [rows, n_groups] ([1, 1])."""
+    if per_tensor:
+        return w.min().reshape(1, 1).float(), w.max().reshape(1, 1).float()
+    grouped = group_view(w.float(), group_size)
+    return grouped.amin(dim=-1), grouped.amax(dim=-1)
+
+
+def mse_clip_range(x: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetric: bool,
+                   grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink [x_min, x_max] by the ratio in (1 - max_shrink, 1] that minimises sum |x - fq(x)|^norm.
+
+    x: [..., n] values grouped along the last dim; x_min, x_max: [...] their ranges. The search of
+    GPTQ's reference quantizer (Frantar et al. 2022): ``grid`` ratios, error power ``norm``.
+    Returns the chosen (min, max), each shaped like x_min.
+    """
+    qmin, qmax = quant_range(bits, symmetric)
+    x = x.float()
+    best_err = torch.full_like(x_min, float("inf"))
+    best_min, best_max = x_min.clone(), x_max.clone()
+    for step in range(int(max_shrink * grid)):
+        ratio = 1.0 - step / grid
+        cand_min, cand_max = x_min * ratio, x_max * ratio
+        scale, zero_point = scale_zero_point(cand_min, cand_max, bits, symmetric)
+        err = (fake_quantize(x, scale[..., None], zero_point[..., None], qmin, qmax) - x).abs_().pow_(norm).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_min = torch.where(better, cand_min, best_min)
+        best_max = torch.where(better, cand_max, best_max)
+    return best_min, best_max
+
+
+def weight_scale_zero_point(w: torch.Tensor, bits: int, symmetric: bool, group_size: int,
+                            per_tensor: bool = False, observer: str = "minmax"
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of a [rows, cols] weight matrix, each [rows, n_groups] (per tensor: [1, 1])."""
+    w_min, w_max = minmax_range(w, group_size, per_tensor)
+    if observer == "mse":
+        values = w.float().reshape(1, 1, -1) if per_tensor else group_view(w.float(), group_size)
+        w_min, w_max = mse_clip_range(values, w_min, w_max, bits, symmetric)
+    return scale_zero_point(w_min, w_max, bits, symmetric)
+
+
+def expand_groups(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """[rows | 1, n_groups] per-group values -> [rows, cols], each repeated over its group."""
+    n_groups = t.shape[1]
+    return t.expand(rows, n_groups).repeat_interleave(cols // n_groups, dim=1)
+
+
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                    symmetric: bool) -> torch.Tensor:
+    """Nearest-rounded codes of a [rows, cols] matrix with [rows|1, n_groups] scales, as int8/uint8."""
+    qmin, qmax = quant_range(bits, symmetric)
+    rows, cols = w.shape
+    codes = quantize(w, expand_groups(scale, rows, cols), expand_groups(zero_point, rows, cols), qmin, qmax)
+    return codes.to(code_dtype(symmetric))
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] codes with [rows|1, n_groups] scale/zero point -> float32 [rows, cols]."""
+    rows, cols = codes.shape
+    return dequantize(codes, expand_groups(scale, rows, cols), expand_groups(zero_point, rows, cols))
+
+
+def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """||reference - approx||^2 / ||reference||^2 (0 when both are 0)."""
+    ref = reference.detach().float()
+    denom = ref.pow(2).sum().item()
+    num = (ref - approx.detach().float()).pow(2).sum().item()
+    return num / denom if denom > 0 else (0.0 if num == 0 else math.inf)
+
+
+def container_bits(bits: int) -> int:
+    """Bits of storage per code: 2-bit codes pack four to a byte, 3- and 4-bit two, wider ones one."""
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+def pack_codes(codes: torch.Tensor, bits: int, qmin: int) -> torch.Tensor:
+    """Pack [rows, cols] codes in [qmin, qmin + 2^bits) into uint8 [rows, ceil(cols / per_byte)].
+
+    Codes are stored offset by -qmin (unsigned); element j of a byte occupies bits
+    [j * container, (j + 1) * container), low bits first (the ONNX int4 / torch int4 order).
+    """
+    width = container_bits(bits)
+    per_byte = 8 // width
+    unsigned = (codes.to(torch.int16) - qmin).to(torch.uint8)
+    rows, cols = unsigned.shape
+    pad = (-cols) % per_byte
+    if pad:
+        unsigned = torch.nn.functional.pad(unsigned, (0, pad))
+    unsigned = unsigned.reshape(rows, -1, per_byte)
+    packed = torch.zeros(unsigned.shape[:2], dtype=torch.uint8, device=codes.device)
+    for j in range(per_byte):
+        packed |= unsigned[..., j] << (j * width)
+    return packed
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, qmin: int, cols: int) -> torch.Tensor:
+    """Inverse of ``pack_codes``: int16 codes [rows, cols] in [qmin, qmin + 2^bits)."""
+    width = container_bits(bits)
+    per_byte = 8 // width
+    mask = (1 << width) - 1
+    fields = [(packed >> (j * width)) & mask for j in range(per_byte)]
+    unsigned = torch.stack(fields, dim=-1).reshape(packed.shape[0], -1)[:, :cols]
+    return unsigned.to(torch.int16) + qmin
+
+
+def packed_nbytes(rows: int, cols: int, bits: int) -> int:
+    """Bytes of ``pack_codes`` output for a [rows, cols] matrix."""
+    per_byte = 8 // container_bits(bits)
+    return rows * (-(-cols // per_byte))
+
+
+def weight_matrix(weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """A parameter as the [rows = output channels, cols = reduction elements] matrix that is quantized.
+
+    axis 0: linear [out, in] and conv [out, in/groups, *kernel] weights (rows = shape[0]);
+    axis 1: a 2-D [in, out] matrix on the right of a matmul / addmm (rows = shape[1]).
+    """
+    if axis == 0:
+        return weight.reshape(weight.shape[0], -1)
+    if axis == 1 and weight.dim() == 2:
+        return weight.t()
+    raise ValueError(f"no matrix view of a weight of shape {tuple(weight.shape)} with output axis {axis}")
+
+
+def weight_from_matrix(matrix: torch.Tensor, axis: int, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Inverse of ``weight_matrix``: the [rows, cols] matrix back in the parameter's layout."""
+    if axis == 0:
+        return matrix.reshape(shape)
+    return matrix.t()

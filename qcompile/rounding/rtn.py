@@ -1,0 +1,35 @@
+"""RTN: round to nearest, the baseline every other method must beat.
+
+The range of each group/channel is its min/max, or, with ``QuantSpec(observer="mse")``, the shrunk
+range that minimises the weight's rounding error (the grid search of GPTQ's reference quantizer).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .. import primitives as P
+from ..config import QuantConfig, QuantSpec
+from ..ir import Block, QuantLayer, QuantParams
+from .registry import check_options, register
+
+
+def round_to_nearest(weight: torch.Tensor, layer: QuantLayer, spec: QuantSpec) -> QuantParams:
+    """Nearest-rounding QuantParams of one weight (any layout; ``layer.axis`` gives the output axis)."""
+    matrix = P.weight_matrix(weight.detach(), layer.axis).float()
+    scale, zero_point = P.weight_scale_zero_point(matrix, spec.bits, spec.symmetric, spec.group_size,
+                                                  per_tensor=spec.granularity == "tensor", observer=spec.observer)
+    codes = P.quantize_weight(matrix, scale, zero_point, spec.bits, spec.symmetric)
+    return QuantParams(weight_codes=codes, scale=scale, zero_point=zero_point.to(P.code_dtype(spec.symmetric)),
+                       bits=spec.bits, symmetric=spec.symmetric, group_size=spec.group_size, axis=layer.axis,
+                       shape=tuple(weight.shape))
+
+
+@register("rtn")
+def optimize_block(block: Block, inputs: list[tuple[Any, ...]], targets: list[tuple[Any, ...]],
+                   specs: Mapping[str, QuantSpec], config: QuantConfig) -> dict[str, QuantParams]:
+    """Round every weight to nearest; calibration data is not used."""
+    check_options("rtn", config.method_options, {})
+    return {target: round_to_nearest(block.weight(target), block.layer_of(target), spec)
+            for target, spec in specs.items()}
