@@ -140,13 +140,13 @@ def _layer_rows(gm: fx.GraphModule, partition: Partition, result: OptimizeResult
         if params is None:
             weight = fetch_attr(gm, layer.weight) if layer.weight else None
             nbytes = weight.numel() * weight.element_size() if weight is not None else 0
-            rows.append(LayerRow(layer.module_path, layer.op, f"float: {layer.float_reason}", float_bytes=nbytes,
-                                 bytes=nbytes))
+            rows.append(LayerRow(layer.module_path, layer.op, f"float: {layer.float_reason}", weight=layer.weight,
+                                 float_bytes=nbytes, bytes=nbytes))
             continue
         weight = fetch_attr(gm, layer.weight)
         rtn = round_to_nearest(weight, layer, layer.spec)
         rows.append(LayerRow(
-            layer.module_path, layer.op, "quantized", bits=params.bits, group_size=params.group_size,
+            layer.module_path, layer.op, "quantized", weight=layer.weight, bits=params.bits, group_size=params.group_size,
             symmetric=params.symmetric, activation_bits=activation_bits,
             weight_error_rtn=P.relative_error(weight, rtn.dequantize()),
             weight_error=P.relative_error(weight, params.dequantize()), block=block_of.get(layer.node),

@@ -14,6 +14,7 @@ class LayerRow:
     path: str
     op: str
     status: str                       # "quantized" or "float: <reason>"
+    weight: str = ""                  # the weight's get_attr target
     bits: int | None = None
     group_size: int | None = None
     symmetric: bool | None = None

@@ -94,6 +94,14 @@ def find_layers(gm: fx.GraphModule, config: QuantConfig) -> tuple[list[QuantLaye
                     f"or add an override for {path!r}")
         layers.append(QuantLayer(node.name, op, path, weight_node.target, input_index, weight_index, axis,
                                  tuple(weight.shape), spec, reason))
+    quantized_nodes = {layer.node for layer in layers if layer.quantized}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and any(layer.weight == node.target for layer in layers if layer.quantized):
+            others = [user.name for user in node.users if user.name not in quantized_nodes]
+            if others:
+                notes.append(f"weight {node.target!r} is also read by non-quantized ops ({', '.join(others[:3])}, "
+                             "e.g. a tied embedding): its float copy stays beside the codes; keep the layer float "
+                             "with an override to save its bytes")
     for pattern in config.overrides:
         if pattern not in matched:
             message = f"override {pattern!r} matches no quantizable layer"
@@ -171,7 +179,7 @@ def _build_blocks(gm: fx.GraphModule, layers: list[QuantLayer], dependent: set[s
                     inputs.append(arg.name)
         outputs = [n.name for n in nodes if last_use.get(n.name, -1) > end]
         dependent_outputs = [name for name in outputs if name in dependent]
-        name = "+".join(key) if isinstance(key, tuple) else layer_of_node[key].module_path
+        name = _common_module(key) if isinstance(key, tuple) else layer_of_node[key].module_path
         block_layers = [layer_of_node[n.name] for n in nodes if n.name in layer_of_node]
         blocks.append(Block(index=index, name=name, nodes=[n.name for n in nodes], inputs=inputs, outputs=outputs,
                             layers=block_layers, graph_module=_block_module(gm, nodes, inputs, outputs, name),
@@ -225,6 +233,17 @@ def _owner_function(layers: list[QuantLayer]):
                 best = prefix
         return best
     return owner
+
+
+def _common_module(owners: tuple[str, ...]) -> str:
+    """The deepest module holding all ``owners`` ("a.b" for "a.b.c" and "a.b.d"), else them joined by '+'."""
+    split = [owner.split(".") for owner in owners]
+    common = []
+    for parts in zip(*split):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return ".".join(common) if common else "+".join(owners)
 
 
 def _last_use(gm: fx.GraphModule, position: dict[str, int]) -> dict[str, int]:

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from qcompile.errors import CalibrationError, CaptureError
+from qcompile.ir import GM_CAPTURED_BY, META_MODULE_PATH, normalize_batch
+from qcompile.passes import capture as capture_module
+from qcompile.passes.capture import capture, flatten_inputs
+from tests.conftest import MODELS, call, user_net
+
+
+def test_capture_runs_like_the_model(model_and_calib):
+    name, model, calib = model_and_calib
+    gm = capture(model, *normalize_batch(calib[0]))
+    assert gm.meta[GM_CAPTURED_BY] == "torch.export"
+    assert not any(node.op == "call_module" for node in gm.graph.nodes), "graph must be flat"
+    for batch in calib:  # batches of other sizes run too (dynamic batch / sequence dims)
+        torch.testing.assert_close(call(gm, batch), call(model, batch), rtol=1e-4, atol=1e-4)
+
+
+def test_module_paths_on_nodes():
+    factory, calib = MODELS["llama"]
+    gm = capture(factory(), *normalize_batch(calib()[0]))
+    paths = {node.meta[META_MODULE_PATH] for node in gm.graph.nodes if node.op == "call_function"}
+    assert "model.layers.1.self_attn.q_proj" in paths and "lm_head" in paths
+
+
+def test_fx_fallback_when_export_fails(monkeypatch):
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("export refused")
+    monkeypatch.setattr(torch.export, "export", broken_export)
+    model = user_net()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.warns(UserWarning, match="torch.fx symbolic tracing"):
+        gm = capture(model, (x,), {})
+    assert gm.meta[GM_CAPTURED_BY] == "torch.fx"
+    torch.testing.assert_close(gm(x), model(x))
+    assert flatten_inputs(gm, (x,), {}, 0)[0] is x
+
+
+class DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: neither export nor fx can capture it
+            return self.linear(x)
+        return -x
+
+
+def test_capture_error_names_the_problem():
+    with pytest.raises(CaptureError, match="DataDependent.*torch.export failed.*torch.fx failed"):
+        capture(DataDependent(), (torch.randn(2, 4),), {})
+
+
+def test_train_mode_warns_and_is_restored():
+    model = user_net().train()
+    with pytest.warns(UserWarning, match="train mode"):
+        capture(model, (torch.randn(2, 3, 16, 16),), {})
+    assert model.training
+
+
+def test_hf_use_cache_restored():
+    factory, calib = MODELS["gpt2"]
+    model = factory()
+    model.config.use_cache = True
+    capture(model, *normalize_batch(calib()[0]))
+    assert model.config.use_cache is True
+
+
+def test_flatten_inputs_checks_batches():
+    factory, calib = MODELS["llama"]
+    batches = calib()
+    gm = capture(factory(), *normalize_batch(batches[0]))
+    with pytest.raises(CalibrationError, match="keyword inputs"):
+        flatten_inputs(gm, (), {"input_ids": batches[0]["input_ids"]}, 3)
+    with pytest.raises(CalibrationError, match="dtype"):
+        flatten_inputs(gm, (), {**batches[0], "input_ids": batches[0]["input_ids"].float()}, 4)
+    image_gm = capture(user_net(), (torch.randn(2, 3, 16, 16),), {})
+    with pytest.raises(CalibrationError, match="batch 7.*shape"):
+        flatten_inputs(image_gm, (torch.randn(2, 3, 16),), {}, 7)
