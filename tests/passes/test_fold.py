@@ -79,3 +79,13 @@ def test_rtn_report_before_equals_after():
     qm = qcompile.compile(user_net(), [torch.randn(2, 3, 16, 16)], "w4a16-rtn", progress=False)
     for row in qm.report().layers:
         assert row.weight_error == row.weight_error_rtn > 0
+
+
+def test_folded_graph_survives_torch_export():
+    factory, calib = MODELS["llama"]
+    batches = calib()
+    qm = qcompile.compile(factory(), batches, "w8a8-rtn", progress=False)
+    exported = torch.export.export(qm, (), batches[0], strict=False)
+    targets = {node.target for node in exported.graph.nodes if node.op == "call_function"}
+    assert DEQUANTIZE_WEIGHT in targets and QUANTIZE_DEQUANTIZE in targets
+    assert torch.equal(exported.module()(**batches[0]).logits, qm(**batches[0]).logits)
