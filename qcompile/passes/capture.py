@@ -5,6 +5,8 @@ dynamic where the model allows) and falls back to ``torch.fx`` symbolic tracing 
 Writes ``META_MODULE_PATH`` on every node (from ``nn_module_stack``) and ``GM_CAPTURED_BY`` (plus
 ``GM_INPUT_NAMES`` for FX graphs) on the GraphModule. The graph is flat: export's input-guard module
 is dropped (``flatten_inputs`` checks inputs instead) and ``torch.no_grad`` regions are inlined.
+Inference BatchNorms that directly follow a conv are folded into its weight and bias (new tensors: the
+user's model is not touched), so that quantization sees the weights the integer kernels will run.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from ..errors import CalibrationError, CaptureError
-from ..ir import GM_CAPTURED_BY, GM_INPUT_NAMES, META_MODULE_PATH
+from ..ir import GM_CAPTURED_BY, GM_INPUT_NAMES, META_MODULE_PATH, fetch_attr
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
@@ -39,6 +41,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule
             warnings.warn(f"torch.export could not capture {type(model).__name__} "
                           f"({_first_line(export_error)}); using torch.fx symbolic tracing", stacklevel=3)
     _annotate_module_paths(gm)
+    _fold_batch_norms(gm)
+    _drop_unread_tensors(gm)
     return gm
 
 
@@ -148,6 +152,68 @@ def _inline_grad_regions(gm: fx.GraphModule) -> None:
     if changed:
         gm.delete_all_unused_submodules()
         gm.recompile()
+
+
+_CONV_TARGETS = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
+                 torch.conv1d, torch.conv2d, torch.conv3d}
+# batch-norm target -> positions of (weight, bias, running_mean, running_var, training, eps) in its args
+_BATCH_NORM_ARGS = {torch.ops.aten.batch_norm.default: (1, 2, 3, 4, 5, 7),
+                    torch.nn.functional.batch_norm: (3, 4, 1, 2, 5, 7)}
+
+
+def _fold_batch_norms(gm: fx.GraphModule) -> None:
+    """conv -> batch_norm (inference, running statistics) becomes one conv with scaled weight and bias."""
+    changed = False
+    for bn in list(gm.graph.nodes):
+        if bn.op != "call_function" or bn.target not in _BATCH_NORM_ARGS or len(bn.args) < 8 or bn.kwargs:
+            continue
+        conv = bn.args[0]
+        if not (isinstance(conv, fx.Node) and conv.target in _CONV_TARGETS and len(conv.users) == 1):
+            continue
+        gamma, beta, mean, var, training, eps = (bn.args[i] for i in _BATCH_NORM_ARGS[bn.target])
+        weight_node, bias_node = conv.args[1], (conv.args[2] if len(conv.args) > 2 else None)
+        stats = [gamma, beta, mean, var, weight_node] + ([bias_node] if bias_node is not None else [])
+        if training or not all(isinstance(n, fx.Node) and n.op == "get_attr" for n in stats) \
+                or len(weight_node.users) != 1 or (bias_node is not None and len(bias_node.users) != 1):
+            continue
+        gamma, beta, mean, var, weight = (fetch_attr(gm, n.target).detach() for n in stats[:5])
+        bias = fetch_attr(gm, bias_node.target).detach() if bias_node is not None else torch.zeros_like(mean)
+        factor = gamma / torch.sqrt(var + eps)
+        owner, _, attr = weight_node.target.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        setattr(module, attr, torch.nn.Parameter(weight * factor.reshape(-1, *[1] * (weight.dim() - 1)),
+                                                 requires_grad=False))
+        folded_bias = torch.nn.Parameter((bias - mean) * factor + beta, requires_grad=False)
+        if bias_node is None:
+            setattr(module, f"{attr}_bn_bias", folded_bias)
+            with gm.graph.inserting_before(conv):
+                bias_node = gm.graph.get_attr(f"{weight_node.target}_bn_bias")
+            bias_node.meta[META_MODULE_PATH] = weight_node.meta.get(META_MODULE_PATH, owner)
+            conv.args = (*conv.args[:2], bias_node, *conv.args[3:])
+        else:
+            bias_owner, _, bias_attr = bias_node.target.rpartition(".")
+            setattr(gm.get_submodule(bias_owner) if bias_owner else gm, bias_attr, folded_bias)
+        bn.replace_all_uses_with(conv)
+        gm.graph.erase_node(bn)
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "get_attr" and n.is_impure())
+        gm.graph.lint()
+        gm.recompile()
+
+
+def _drop_unread_tensors(gm: fx.GraphModule) -> None:
+    """Remove unused get_attr nodes, then the parameters and buffers no get_attr reads (dead BatchNorm
+    statistics, counters), so that the graph module holds exactly what the graph uses."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    read = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name not in read:
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
+    gm.recompile()
 
 
 def _annotate_module_paths(gm: fx.GraphModule) -> None:

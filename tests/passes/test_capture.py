@@ -79,3 +79,20 @@ def test_flatten_inputs_checks_batches():
     image_gm = capture(user_net(), (torch.randn(2, 3, 16, 16),), {})
     with pytest.raises(CalibrationError, match="batch 7.*shape"):
         flatten_inputs(image_gm, (torch.randn(2, 3, 16),), {}, 7)
+
+
+def test_batch_norm_folds_into_conv_without_touching_the_model():
+    factory, calib = MODELS["resnet18"]
+    model = factory()
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    batch = calib()[0]
+    gm = capture(model, (batch,), {})
+    assert not any("batch_norm" in str(node.target) for node in gm.graph.nodes)
+    assert not any("running_mean" in name for name, _ in gm.named_buffers())
+    torch.testing.assert_close(gm(batch), model(batch), rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
