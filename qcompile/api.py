@@ -25,10 +25,12 @@ class QuantizedModel(torch.nn.Module):
     """A quantized model: the folded graph (integer codes, scales, quantization ops) behind the
     original model's call signature."""
 
-    def __init__(self, graph_module: fx.GraphModule, config: QuantConfig, report: Report):
+    def __init__(self, graph_module: fx.GraphModule, config: QuantConfig, report: Report,
+                 example_inputs: tuple[tuple, dict]):
         super().__init__()
         self.graph_module = graph_module
         self.config = config
+        self.example_inputs = example_inputs
         self._report = report
 
     def forward(self, *args, **kwargs):
@@ -47,6 +49,12 @@ class QuantizedModel(torch.nn.Module):
         """Bytes held by the model's tensors (packed codes count at their packed size)."""
         return module_nbytes(self.graph_module)
 
+    def export_onnx(self, path: str, opset: int = 21):
+        """Write an ONNX QDQ model (opset >= 21) that onnxruntime runs; returns the onnx.ModelProto.
+        Batch and sequence dims are dynamic; see ``passes/lower_onnx.py`` for the layouts."""
+        from .passes.lower_onnx import export_onnx
+        return export_onnx(self.graph_module, self.example_inputs, path, opset)
+
     def save(self, path: str) -> None:
         """Write ``path``/graph.json and ``path``/tensors.safetensors (no pickle); read with ``qcompile.load``."""
         from .format import save
@@ -62,7 +70,8 @@ def compile(model: torch.nn.Module, calib: Iterable[Any], config: QuantConfig | 
     device = _device_of(model)
     batches = _materialize(calib, device)
     start = time.perf_counter()
-    gm = capture(model, *_example(batches))
+    example = _example(batches)
+    gm = capture(model, *example)
     capture_seconds = time.perf_counter() - start
     partition = partition_pass(gm, config)
     flat = [flatten_inputs(gm, args, kwargs, index) for index, (args, kwargs) in enumerate(batches)]
@@ -77,7 +86,7 @@ def compile(model: torch.nn.Module, calib: Iterable[Any], config: QuantConfig | 
                     model_float_bytes=float_bytes, model_bytes=module_nbytes(gm),
                     capture_seconds=capture_seconds, quantize_seconds=time.perf_counter() - start - capture_seconds,
                     notes=list(partition.notes))
-    return QuantizedModel(gm, config, report)
+    return QuantizedModel(gm, config, report, example)
 
 
 def module_nbytes(module: torch.nn.Module) -> int:

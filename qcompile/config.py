@@ -21,6 +21,7 @@ GRANULARITIES = ("channel", "group", "tensor")
 WEIGHT_OBSERVERS = ("minmax", "mse")
 ACTIVATION_OBSERVERS = ("minmax", "percentile", "mse")
 BLOCK_GRANULARITIES = ("block", "layer")
+ACTIVATION_SCOPES = ("inputs", "static")
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,12 @@ class QuantConfig:
     """How a whole model is quantized.
 
     weight:          the spec of every quantizable weight (linear, conv, matmul with a parameter).
-    activation:      None (weight-only) or the spec of the inputs of quantized ops (per tensor).
+    activation:      None (weight-only) or the spec of quantized activations (per tensor).
+    activation_scope: which values an activation spec quantizes. "inputs": the inputs of quantized ops
+                     (integer GEMMs with float outputs, e.g. onnxruntime's MatMulIntegerToFloat; the LLM
+                     choice, the residual stream stays float). "static": also the outputs of quantized
+                     ops (after a directly following ReLU) and of the residual adds joining quantized
+                     values: full-integer graphs (onnxruntime's QLinearConv / QLinearAdd; the CNN choice).
     method:          the rounding optimizer's registered name (``qcompile.rounding.available()``).
     method_options:  keyword options for that optimizer.
     granularity:     "block" (residual blocks / transformer layers) or "layer" (one quantizable op a block).
@@ -86,6 +92,7 @@ class QuantConfig:
 
     weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8))
     activation: QuantSpec | None = None
+    activation_scope: str = "inputs"
     method: str = "rtn"
     method_options: Mapping[str, Any] = field(default_factory=dict)
     granularity: str = "block"
@@ -102,6 +109,9 @@ class QuantConfig:
                 raise ConfigError("QuantConfig.activation must be None or a QuantSpec")
             if self.activation.granularity != "tensor":
                 raise ConfigError("activations are quantized per tensor: use QuantSpec(..., granularity='tensor')")
+        if self.activation_scope not in ACTIVATION_SCOPES:
+            raise ConfigError(f"QuantConfig.activation_scope must be one of {ACTIVATION_SCOPES}, "
+                              f"got {self.activation_scope!r}")
         if self.granularity not in BLOCK_GRANULARITIES:
             raise ConfigError(f"QuantConfig.granularity must be one of {BLOCK_GRANULARITIES}, got {self.granularity!r}")
         if not isinstance(self.method, str) or not self.method:
@@ -124,6 +134,7 @@ class QuantConfig:
         return {
             "weight": dataclasses.asdict(self.weight),
             "activation": None if self.activation is None else dataclasses.asdict(self.activation),
+            "activation_scope": self.activation_scope,
             "method": self.method,
             "method_options": dict(self.method_options),
             "granularity": self.granularity,
@@ -137,6 +148,7 @@ class QuantConfig:
         return cls(
             weight=QuantSpec(**data["weight"]),
             activation=None if activation is None else QuantSpec(**activation),
+            activation_scope=data.get("activation_scope", "inputs"),
             method=data["method"],
             method_options=data.get("method_options", {}),
             granularity=data.get("granularity", "block"),
@@ -159,6 +171,7 @@ PRESETS: Mapping[str, QuantConfig] = MappingProxyType({
     "w4a16-rtn": QuantConfig(weight=_W4),
     "w4g128-rtn": QuantConfig(weight=_W4G128),
     "w8a8-rtn": QuantConfig(weight=_W8, activation=_A8),
+    "w8a8-static-rtn": QuantConfig(weight=_W8, activation=_A8, activation_scope="static"),
 })
 
 

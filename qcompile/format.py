@@ -63,6 +63,7 @@ def save(model, path: str | os.PathLike) -> None:
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, table = _collect_tensors(gm)
+    example = _encode_example(model.example_inputs, tensors)
     tensors_path = directory / TENSORS_FILE
     save_file(tensors, str(tensors_path))
     document = {
@@ -76,6 +77,7 @@ def save(model, path: str | os.PathLike) -> None:
         "nodes": [_encode_node(node) for node in gm.graph.nodes],
         "tensors": table,
         "tensors_sha256": _sha256(tensors_path),
+        "example_inputs": example,
         "config": model.config.to_dict(),
         "report": model.report().to_dict(),
     }
@@ -107,13 +109,14 @@ def load(path: str | os.PathLike):
     try:
         stored = load_file(str(tensors_path))
         gm = _decode_graph_module(document, stored)
+        example = _decode_example(document["example_inputs"], stored)
         config = QuantConfig.from_dict(document["config"])
         report = Report.from_dict(document["report"])
     except SerializationError:
         raise
     except Exception as error:  # noqa: BLE001 - any malformed content is a format error
         raise SerializationError(f"cannot read {directory}: {type(error).__name__}: {error}") from None
-    return QuantizedModel(gm, config, report)
+    return QuantizedModel(gm, config, report, example)
 
 
 def _sha256(path: Path) -> str:
@@ -142,6 +145,30 @@ def _collect_tensors(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[
         table[node.target] = {"key": saved_as, "parameter": isinstance(value, torch.nn.Parameter),
                               "requires_grad": bool(value.requires_grad)}
     return tensors, table
+
+
+EXAMPLE_PREFIX = "__example__/"
+
+
+def _encode_example(example: tuple[tuple, dict], tensors: dict[str, torch.Tensor]) -> dict:
+    """The example inputs (kept for export) as a pytree spec and leaves; tensors go into ``tensors``."""
+    leaves, spec = pytree.tree_flatten(example)
+    encoded = []
+    for index, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            tensors[f"{EXAMPLE_PREFIX}{index}"] = leaf.detach().cpu().contiguous()
+            encoded.append({"~": "tensor", "key": f"{EXAMPLE_PREFIX}{index}"})
+        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+            encoded.append(leaf)
+        else:
+            raise SerializationError(f"example input of type {type(leaf).__name__} cannot be saved")
+    return {"spec": pytree.treespec_dumps(spec), "leaves": encoded}
+
+
+def _decode_example(example: dict, stored: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
+    leaves = [stored[leaf["key"]] if isinstance(leaf, dict) and leaf.get("~") == "tensor" else leaf
+              for leaf in example["leaves"]]
+    return pytree.tree_unflatten(leaves, pytree.treespec_loads(example["spec"]))
 
 
 def _encode_codegen(graph: fx.Graph) -> dict | None:

@@ -122,7 +122,8 @@ class Block:
 
     nodes:   the original node names in order; inputs: the values it reads that earlier code made
              (placeholders or nodes of earlier blocks); outputs: the values it makes that later code
-             or the model output reads; layers: its quantizable ops;
+             or the model output reads; layers: its quantizable ops; activations: the values whose
+             quantization it owns (made in it, or graph inputs it reads first);
     graph_module: ``forward(*inputs) -> tuple(outputs)``, sharing the model's parameters.
     """
 
@@ -134,6 +135,7 @@ class Block:
     layers: list[QuantLayer]
     graph_module: fx.GraphModule
     main_output: str = ""
+    activations: list[str] = field(default_factory=list)
 
     def weight(self, target: str) -> torch.Tensor:
         """The float weight tensor behind a get_attr target."""

@@ -5,6 +5,8 @@ torch.export, run under torch.compile and have one definition that lowerings tra
   packed integer codes (``primitives.pack_codes``) -> the float weight in its parameter layout.
 - ``qcompile::quantize_dequantize(x, scale, zero_point, qmin, qmax)``: per-tensor fake quantization
   of an activation (QuantizeLinear -> DequantizeLinear in ONNX terms).
+- ``qcompile::dequantize_linear(codes, scale, zero_point, axis, block_size)``: ONNX DequantizeLinear
+  semantics on unpacked codes (used by the ONNX lowering's view of a folded graph).
 """
 from __future__ import annotations
 
@@ -44,5 +46,27 @@ def _(x, scale, zero_point, qmin, qmax):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("qcompile::dequantize_linear", mutates_args=())
+def dequantize_linear(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int,
+                      block_size: int) -> torch.Tensor:
+    """ONNX DequantizeLinear (opset 21): (codes - zero_point) * scale in float32, with a scalar scale
+    (per tensor), a 1-D scale along ``axis`` (per axis), or, when block_size > 0, a scale shaped like
+    codes except ``codes.shape[axis] / block_size`` along ``axis`` (blocked)."""
+    if block_size > 0:
+        scale = scale.repeat_interleave(block_size, dim=axis)
+        zero_point = zero_point.repeat_interleave(block_size, dim=axis)
+    elif scale.dim() == 1:
+        view = [1] * codes.dim()
+        view[axis] = -1
+        scale, zero_point = scale.reshape(view), zero_point.reshape(view)
+    return P.dequantize(codes, scale, zero_point)
+
+
+@dequantize_linear.register_fake
+def _(codes, scale, zero_point, axis, block_size):
+    return codes.new_empty(codes.shape, dtype=scale.dtype)
+
+
 DEQUANTIZE_WEIGHT = torch.ops.qcompile.dequantize_weight.default
+DEQUANTIZE_LINEAR = torch.ops.qcompile.dequantize_linear.default
 QUANTIZE_DEQUANTIZE = torch.ops.qcompile.quantize_dequantize.default

@@ -7,7 +7,7 @@ shared by both. A value is dropped once no later block reads it, so only one blo
 memory; it is kept on CPU when the model runs on an accelerator.
 
 ``observe_activations`` runs a block and records, with ``RangeObserver``, the range of every value
-that feeds a quantized layer, giving per-tensor ``ActivationParams``.
+the block quantizes (``Block.activations``), giving per-tensor ``ActivationParams``.
 """
 from __future__ import annotations
 
@@ -131,22 +131,11 @@ class RangeObserver:
                                 bits=spec.bits, symmetric=spec.symmetric)
 
 
-def observed_values(block: Block) -> dict[str, str]:
-    """Block-graph node name of every value that feeds a quantized layer -> that layer's node name."""
-    by_name = {node.name: node for node in block.graph_module.graph.nodes}
-    observed = {}
-    for layer in block.layers:
-        if layer.quantized:
-            observed.setdefault(by_name[layer.node].args[layer.input_index].name, layer.node)
-    return observed
-
-
 def observe_activations(block: Block, stream: CalibrationStream, spec: QuantSpec, seed: int
                         ) -> dict[str, ActivationParams]:
-    """Per-tensor activation params of the inputs of the block's quantized layers, keyed by the name of
-    the node producing the value, observed on the quantized stream."""
-    observed = observed_values(block)
-    observers = {name: RangeObserver(spec, seed=seed) for name in observed}
+    """Per-tensor params of the block's activations (``block.activations``), keyed by the name of the
+    node making the value, observed on the quantized stream with the block's weights still float."""
+    observers = {name: RangeObserver(spec, seed=seed) for name in block.activations}
 
     class _Recorder(fx.Interpreter):
         def run_node(self, node):

@@ -66,7 +66,7 @@ def _inference_settings(model: torch.nn.Module):
             config.use_cache = use_cache
 
 
-def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict | None:
+def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict | None:
     """Dim.AUTO for every dim of every tensor input, keyed by forward's parameter names."""
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
@@ -83,7 +83,7 @@ def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict |
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exported = torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs),
+        exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes(model, args, kwargs),
                                        strict=False)
     gm = exported.module()
     _drop_guard_modules(gm)

@@ -3,9 +3,9 @@
 For each quantized weight, the parameter is replaced by three buffers on its owner module,
 ``<name>_codes`` (uint8, packed by ``primitives.pack_codes``), ``<name>_scale`` (float32) and
 ``<name>_zero_point``, feeding one ``qcompile::dequantize_weight`` node placed before its first
-consumer (so dequantized weights live only while used). For each quantized activation, an
-``input_scale`` / ``input_zero_point`` pair feeds a ``qcompile::quantize_dequantize`` node between the
-value and its quantized consumers. New nodes carry META_ROLE, META_MODULE_PATH and, for weights,
+consumer (so dequantized weights live only while used). For each quantized activation value, a
+``<value>_act_scale`` / ``<value>_act_zero_point`` pair feeds one ``qcompile::quantize_dequantize``
+node right after the value, and every reader reads its output. New nodes carry META_ROLE, META_MODULE_PATH and, for weights,
 META_WEIGHT. ``folded_params`` reads the QuantParams back from such a graph.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def fold(gm: fx.GraphModule, layers: Iterable[QuantLayer], weight_params: Mappin
         if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
             owner, _, attr = target.rpartition(".")
             delattr(gm.get_submodule(owner), attr)
-    _insert_activation_qdq(gm, layers, by_name, activation_params)
+    _insert_activation_qdq(gm, by_name, activation_params)
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -73,29 +73,30 @@ def _insert_dequantize(gm: fx.GraphModule, consumer: fx.Node, layer: QuantLayer,
     return node
 
 
-def _insert_activation_qdq(gm: fx.GraphModule, layers: list[QuantLayer], by_name: dict[str, fx.Node],
+def _insert_activation_qdq(gm: fx.GraphModule, by_name: dict[str, fx.Node],
                            activation_params: Mapping[str, ActivationParams]) -> None:
-    consumers: dict[str, list[tuple[fx.Node, QuantLayer]]] = {}
-    for layer in layers:
-        node = by_name[layer.node]
-        value = node.args[layer.input_index]
-        if isinstance(value, fx.Node) and value.name in activation_params:
-            consumers.setdefault(value.name, []).append((node, layer))
-    for value_name, users in consumers.items():
-        params = activation_params[value_name]
-        first, layer = users[0]
-        owner = layer.weight.rpartition(".")[0]
-        device = next(gm.get_submodule(owner).buffers()).device
-        scale = _register(gm, owner, "input_scale", params.scale.float().to(device), first, layer.module_path)
-        zero_point = _register(gm, owner, "input_zero_point", params.zero_point.to(device), first, layer.module_path)
+    """One quantize-dequantize right after each quantized value; every reader then reads it quantized."""
+    first_compute = next(n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr"))
+    device = _device(gm)
+    for name, params in activation_params.items():
+        value = by_name.get(name)
+        if value is None:
+            continue
+        scale = _register(gm, "", f"{name}_act_scale", params.scale.float().to(device), first_compute, "")
+        zero_point = _register(gm, "", f"{name}_act_zero_point", params.zero_point.to(device), first_compute, "")
         qmin, qmax = params.qrange
-        with gm.graph.inserting_before(first):
-            qdq = gm.graph.call_function(QUANTIZE_DEQUANTIZE, (by_name[value_name], scale, zero_point, qmin, qmax))
-        qdq.meta.update({META_MODULE_PATH: layer.module_path, META_ROLE: ROLE_ACTIVATION_QDQ})
-        for node, user_layer in users:
-            args = list(node.args)
-            args[user_layer.input_index] = qdq
-            node.args = tuple(args)
+        anchor = first_compute if value.op == "placeholder" else value.next
+        with gm.graph.inserting_before(anchor):
+            qdq = gm.graph.call_function(QUANTIZE_DEQUANTIZE, (value, scale, zero_point, qmin, qmax))
+        qdq.meta.update({META_MODULE_PATH: value.meta.get(META_MODULE_PATH, ""), META_ROLE: ROLE_ACTIVATION_QDQ})
+        value.replace_all_uses_with(qdq, delete_user_cb=lambda user: user is not qdq)
+
+
+def _device(gm: fx.GraphModule) -> torch.device:
+    tensor = next(iter(gm.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(gm.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def folded_params(gm: fx.GraphModule) -> dict[str, QuantParams]:

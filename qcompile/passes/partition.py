@@ -35,6 +35,9 @@ CONV_TARGETS = {_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default
 CONVOLUTION_TARGETS = {_aten.convolution.default}
 MATMUL_TARGETS = {_aten.matmul.default, _aten.mm.default, torch.matmul, torch.mm, operator.matmul}
 ADDMM_TARGETS = {_aten.addmm.default, torch.addmm}
+FUSABLE_ACTIVATIONS = {_aten.relu.default, _aten.relu_.default, _aten.hardtanh.default, _aten.hardtanh_.default,
+                       torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.hardtanh}
+ADD_TARGETS = {_aten.add.Tensor, _aten.add_.Tensor, operator.add, torch.add}
 TRANSPOSED_CONV_TARGETS = {_aten.conv_transpose1d.default, _aten.conv_transpose2d.input,
                            _aten.conv_transpose3d.input, torch.conv_transpose1d, torch.conv_transpose2d,
                            torch.conv_transpose3d}
@@ -50,7 +53,41 @@ def partition(gm: fx.GraphModule, config: QuantConfig) -> Partition:
     quantized = [layer for layer in layers if layer.quantized]
     dependent = _quantization_dependent(gm, {layer.node for layer in quantized})
     blocks = _build_blocks(gm, quantized, dependent, config.granularity) if quantized else []
+    if config.activation is not None:
+        _assign_activations(blocks, activation_values(gm, quantized, config.activation_scope))
     return Partition(blocks=blocks, layers=layers, dependent=dependent, notes=notes)
+
+
+def activation_values(gm: fx.GraphModule, layers: list[QuantLayer], scope: str) -> list[str]:
+    """Names of the values an activation spec quantizes, in graph order (see QuantConfig.activation_scope).
+
+    "inputs": every value read as the activation of a quantized layer. "static": also each quantized
+    layer's output and each add of two quantized values, taken after a directly following ReLU-like op
+    so that the activation fuses into the integer kernel."""
+    by_name = {node.name: node for node in gm.graph.nodes}
+    layer_nodes = {layer.node for layer in layers}
+    values = set()
+    for layer in layers:
+        value = by_name[layer.node].args[layer.input_index]
+        if isinstance(value, fx.Node):
+            values.add(value.name)
+    if scope == "static":
+        for node in gm.graph.nodes:
+            operands = [arg for arg in node.args if isinstance(arg, fx.Node)]
+            joins_quantized = node.op == "call_function" and node.target in ADD_TARGETS and len(operands) == 2 \
+                and all(arg.name in values for arg in operands)
+            if node.name in layer_nodes or joins_quantized:
+                users = list(node.users)
+                fused = len(users) == 1 and users[0].op == "call_function" and users[0].target in FUSABLE_ACTIVATIONS
+                values.add(users[0].name if fused else node.name)
+    return [node.name for node in gm.graph.nodes if node.name in values]
+
+
+def _assign_activations(blocks: list[Block], values: list[str]) -> None:
+    """Each value goes to the block that makes it, or (graph inputs) to the first block reading it."""
+    for value in values:
+        owner = next((b for b in blocks if value in b.nodes), None) or next(b for b in blocks if value in b.inputs)
+        owner.activations.append(value)
 
 
 def find_layers(gm: fx.GraphModule, config: QuantConfig) -> tuple[list[QuantLayer], list[str]]:

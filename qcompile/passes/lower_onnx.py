@@ -1,0 +1,188 @@
+"""lower_onnx: a folded GraphModule -> an ONNX QDQ model (opset 21) that onnxruntime runs.
+
+Uses torch's dynamo ONNX exporter with translations for qcompile's ops, on an "ONNX view" of the
+folded graph in which every ``qcompile::dequantize_weight`` (packed codes) becomes a
+``qcompile::dequantize_linear`` on unpacked codes laid out as ONNX's ``DequantizeLinear`` wants them:
+
+- a weight consumed by matmul (linear layers are rewritten to ``matmul(x, W^T) + b`` for this, and
+  GPT-2's addmm weights already are): a [K, N] initializer, per-channel ``axis=1`` with scale [N], or
+  blocked ``axis=0, block_size=group`` with scale [K / group, N]: the DequantizeLinear -> MatMul pair
+  that onnxruntime fuses into ``MatMulNBits`` (4-bit) or integer matmuls (8-bit);
+- a conv weight: its own layout with per-channel ``axis=0``; group-wise conv weights are dequantized
+  as the [out, K] matrix (``axis=1`` blocks) and reshaped, an exactly equivalent subgraph.
+
+Codes of 2..4 bits are stored as INT4/UINT4 initializers (same values, same DequantizeLinear result),
+5..8 bits as INT8/UINT8. ``qcompile::quantize_dequantize`` becomes QuantizeLinear -> DequantizeLinear
+(8-bit activations; other widths raise ``UnsupportedOpError``). Batch and sequence dims stay dynamic.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import onnx
+import torch
+from onnxscript import opset21 as onnx_op
+from torch import fx
+
+from .. import primitives as P
+from ..errors import UnsupportedOpError
+from ..ir import META_MODULE_PATH, META_WEIGHT, QuantParams, fetch_attr
+from ..ops import DEQUANTIZE_LINEAR, DEQUANTIZE_WEIGHT, QUANTIZE_DEQUANTIZE
+from .capture import dynamic_shapes
+from .fold import folded_params
+
+_LINEAR_TARGETS = {torch.ops.aten.linear.default, torch._C._nn.linear}
+
+
+def _dequantize_linear_onnx(codes, scale, zero_point, axis: int, block_size: int):
+    return onnx_op.DequantizeLinear(codes, scale, zero_point, axis=axis, block_size=block_size)
+
+
+def _quantize_dequantize_onnx(x, scale, zero_point, qmin: int, qmax: int):
+    return onnx_op.DequantizeLinear(onnx_op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
+
+
+TRANSLATIONS = {DEQUANTIZE_LINEAR: _dequantize_linear_onnx, QUANTIZE_DEQUANTIZE: _quantize_dequantize_onnx}
+
+
+def export_onnx(gm: fx.GraphModule, example: tuple[tuple, dict], path: str | os.PathLike, opset: int = 21
+                ) -> onnx.ModelProto:
+    """Write the ONNX QDQ model of a folded graph to ``path`` (checked with onnx.checker) and return it."""
+    if opset < 21:
+        raise UnsupportedOpError(f"opset {opset}: qcompile's blocked int4 DequantizeLinear needs opset >= 21")
+    view, narrow = onnx_view(gm)
+    args, kwargs = example
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(view, args, kwargs=kwargs, dynamo=True, opset_version=opset,
+                                    custom_translation_table=TRANSLATIONS,
+                                    dynamic_shapes=dynamic_shapes(view, args, kwargs), optimize=False,
+                                    verbose=False, report=False)
+    model = program.model_proto
+    _narrow_to_int4(model, narrow)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, os.fspath(path))
+    return model
+
+
+def onnx_view(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, bool]]:
+    """A copy of the folded graph with ONNX-layout dequantization (sharing gm's other tensors), and the
+    initializers to store as 4-bit: buffer name -> signed."""
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen
+    graph.output(graph.graph_copy(gm.graph, {}))
+    view = fx.GraphModule(gm, graph, "OnnxView")
+    params = folded_params(view)
+    narrow: dict[str, bool] = {}
+    for node in [n for n in view.graph.nodes if n.op == "call_function" and n.target == DEQUANTIZE_WEIGHT]:
+        _lower_dequantize(view, node, params[node.meta[META_WEIGHT]], narrow)
+    for node in view.graph.nodes:
+        if node.op == "call_function" and node.target == QUANTIZE_DEQUANTIZE and (node.args[3], node.args[4]) not in (
+                (0, 255), (-128, 127)):
+            raise UnsupportedOpError(f"activation quantized to [{node.args[3]}, {node.args[4]}] at "
+                                     f"{node.meta.get(META_MODULE_PATH)!r}: ONNX export supports 8-bit activations")
+    view.graph.eliminate_dead_code()
+    _drop_unread(view)
+    view.graph.lint()
+    view.recompile()
+    return view, narrow
+
+
+def _lower_dequantize(view: fx.GraphModule, node: fx.Node, params: QuantParams, narrow: dict[str, bool]) -> None:
+    weight = node.meta[META_WEIGHT]
+    owner, _, attr = weight.rpartition(".")
+    dtype = node.args[7]
+    users = list(node.users)
+    rewritable = all(_matmul_operands(user, node) is not None for user in users)
+    matmul_layout = len(params.shape) == 2 and (params.axis == 1 or rewritable)
+    codes, scale, zero_point = params.weight_codes, params.scale, params.zero_point
+    rows, cols = codes.shape
+    reshape_to = None
+    if matmul_layout:
+        codes = codes.t()
+        if scale.numel() == 1:
+            axis, block_size = 1, 0
+        elif scale.shape[1] == 1:
+            axis, block_size, scale, zero_point = 1, 0, scale[:, 0], zero_point[:, 0]
+        else:
+            axis, block_size, scale, zero_point = 0, cols // scale.shape[1], scale.t(), zero_point.t()
+    elif scale.numel() == 1 or scale.shape[1] == 1:
+        codes = codes.reshape(params.shape)
+        axis, block_size = 0, 0
+        if scale.numel() > 1:
+            scale, zero_point = scale[:, 0], zero_point[:, 0]
+    else:
+        axis, block_size, reshape_to = 1, cols // scale.shape[1], list(params.shape)
+    if scale.numel() == 1:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    module = view.get_submodule(owner) if owner else view
+    device = fetch_attr(view, node.args[0].target).device
+    names = {}
+    for suffix, tensor in (("q", codes), ("q_scale", scale), ("q_zero_point", zero_point)):
+        module.register_buffer(f"{attr}_{suffix}", tensor.contiguous().to(device))
+        names[suffix] = f"{weight}_{suffix}"
+    if params.bits <= 4:
+        narrow[names["q"]] = narrow[names["q_zero_point"]] = params.symmetric
+    with view.graph.inserting_before(node):
+        inputs = [view.graph.get_attr(names[s]) for s in ("q", "q_scale", "q_zero_point")]
+        value = view.graph.call_function(DEQUANTIZE_LINEAR, (*inputs, axis, block_size))
+        if reshape_to is not None:
+            value = view.graph.call_function(torch.ops.aten.reshape.default, (value, reshape_to))
+        if dtype != torch.float32:
+            value = view.graph.call_function(torch.ops.aten._to_copy.default, (value,), {"dtype": dtype})
+    for new in (*inputs, value):
+        new.meta[META_MODULE_PATH] = node.meta.get(META_MODULE_PATH, "")
+    if matmul_layout and rewritable:
+        for user in users:
+            x, bias = _matmul_operands(user, node)
+            with view.graph.inserting_before(user):
+                result = view.graph.call_function(torch.ops.aten.matmul.default, (x, value))
+                if bias is not None:
+                    result = view.graph.call_function(torch.ops.aten.add.Tensor, (result, bias))
+            user.replace_all_uses_with(result)
+            view.graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(value)
+    view.graph.erase_node(node)
+
+
+def _matmul_operands(user: fx.Node, weight: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:
+    """(x, bias) when ``user`` computes x @ W (+ bias) with ``weight`` as W: linear(x, W, b) reading
+    W transposed, or addmm(b, x, W) with unit alpha/beta; None otherwise."""
+    if user.target in _LINEAR_TARGETS and len(user.args) >= 2 and user.args[1] is weight and not user.kwargs:
+        return user.args[0], (user.args[2] if len(user.args) > 2 else None)
+    if user.target == torch.ops.aten.addmm.default and user.args[2] is weight and user.args[1] is not weight \
+            and all(user.kwargs.get(k, 1) == 1 for k in ("alpha", "beta")):
+        return user.args[1], user.args[0]
+    return None
+
+
+def _drop_unread(view: fx.GraphModule) -> None:
+    read = {n.target for n in view.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(view.named_buffers(remove_duplicate=False)) + list(view.named_parameters(remove_duplicate=False)):
+        if name not in read:
+            owner, _, attr = name.rpartition(".")
+            delattr(view.get_submodule(owner) if owner else view, attr)
+
+
+def _narrow_to_int4(model: onnx.ModelProto, narrow: dict[str, bool]) -> None:
+    """Re-type the named int8/uint8 initializers as INT4/UINT4 (values unchanged, two a byte)."""
+    for tensor in model.graph.initializer:
+        if tensor.name not in narrow:
+            continue
+        signed = narrow[tensor.name]
+        values = onnx.numpy_helper.to_array(tensor)
+        nibbles = torch.from_numpy(np.ascontiguousarray(values).astype(np.int16) & 0xF).reshape(1, -1)
+        packed = P.pack_codes(nibbles, 4, 0).numpy()
+        tensor.data_type = onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
+        tensor.raw_data = packed.tobytes()
+        del tensor.int32_data[:]
+    for info in [*model.graph.value_info, *model.graph.input]:
+        if info.name in narrow:
+            info.type.tensor_type.elem_type = onnx.TensorProto.INT4 if narrow[info.name] else onnx.TensorProto.UINT4
+    missing = set(narrow) - {t.name for t in model.graph.initializer}
+    if missing:
+        raise UnsupportedOpError(f"the ONNX exporter renamed or folded the quantized initializers {sorted(missing)[:3]}; "
+                                 "cannot store them as 4-bit")
