@@ -1,4 +1,4 @@
-"""`qcompile quantize MODEL ...` and `qcompile report DIR`.
+"""`qcompile quantize MODEL [--out DIR] [--onnx FILE] ...` and `qcompile report DIR`.
 
 MODEL is ``timm:NAME`` (built from its config, random weights: no download), ``hf-config:PATH.json``
 (a transformers config file; causal LM if the config allows, else the base model), or
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     quantize.add_argument("--device", default="cpu")
     quantize.add_argument("--out", help="directory to save the quantized model to")
     quantize.add_argument("--json", help="write the report as JSON to this file")
+    quantize.add_argument("--onnx", help="also export an ONNX QDQ model (opset 21) to this file")
     quantize.add_argument("--no-progress", action="store_true")
     report = commands.add_parser("report", help="print the report of a saved quantized model")
     report.add_argument("directory")
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             quantized.save(args.out)
             print(f"saved to {args.out}")
+        if args.onnx:
+            quantized.export_onnx(args.onnx)
+            print(f"wrote {args.onnx}")
         return 0
     except QCompileError as error:
         print(f"qcompile: error: {type(error).__name__}: {error}", file=sys.stderr)

@@ -8,10 +8,13 @@ from qcompile.cli import main
 
 def test_quantize_timm_model_saves_and_reports(tmp_path, capsys):
     out, report_json = tmp_path / "model", tmp_path / "report.json"
+    onnx_path = tmp_path / "model.onnx"
     code = main(["quantize", "timm:resnet18", "--config", "w4a16-rtn", "--input-shape", "3,32,32",
                  "--calib-batches", "2", "--batch-size", "2", "--out", str(out), "--json", str(report_json),
-                 "--no-progress"])
+                 "--onnx", str(onnx_path), "--no-progress"])
     assert code == 0
+    import onnxruntime
+    onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     printed = capsys.readouterr().out
     assert "layer4.1.conv2" in printed and "smaller" in printed
     assert json.loads(report_json.read_text())["method"] == "rtn"

@@ -26,7 +26,7 @@ from ..ir import GM_CAPTURED_BY, GM_INPUT_NAMES, META_MODULE_PATH, fetch_attr
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     """Trace ``model(*args, **kwargs)`` (in eval mode) to a flat GraphModule with module paths on nodes."""
-    with _inference_settings(model):
+    with inference_settings(model):
         try:
             gm = _export(model, args, kwargs)
         except Exception as export_error:  # noqa: BLE001 - any export failure falls back to FX
@@ -47,7 +47,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule
 
 
 @contextlib.contextmanager
-def _inference_settings(model: torch.nn.Module):
+def inference_settings(model: torch.nn.Module):
     """Eval mode and, for Hugging Face models, no KV cache in the output; restored afterwards."""
     was_training = model.training
     config = getattr(model, "config", None)
