@@ -162,17 +162,23 @@ class QuantConfig:
 
 
 _W8 = QuantSpec(bits=8, symmetric=True)
-_W4 = QuantSpec(bits=4, symmetric=False)
-_W4G128 = QuantSpec(bits=4, group_size=128, symmetric=False)
 _A8 = QuantSpec(bits=8, symmetric=False, granularity="tensor")
+# scheme name -> (weight spec, activation spec, activation scope); a preset is "<scheme>-<method>".
+SCHEMES = {
+    "w8a16": (_W8, None, "inputs"),
+    "w4a16": (QuantSpec(bits=4, symmetric=False), None, "inputs"),
+    "w4g128": (QuantSpec(bits=4, group_size=128, symmetric=False), None, "inputs"),
+    "w3a16": (QuantSpec(bits=3, symmetric=False), None, "inputs"),
+    "w3g128": (QuantSpec(bits=3, group_size=128, symmetric=False), None, "inputs"),
+    "w2g128": (QuantSpec(bits=2, group_size=128, symmetric=False), None, "inputs"),
+    "w8a8": (_W8, _A8, "inputs"),
+    "w8a8-static": (_W8, _A8, "static"),
+}
+PRESET_METHODS = ("rtn", "gptq", "comq")
 
 PRESETS: Mapping[str, QuantConfig] = MappingProxyType({
-    "w8a16-rtn": QuantConfig(weight=_W8),
-    "w4a16-rtn": QuantConfig(weight=_W4),
-    "w4g128-rtn": QuantConfig(weight=_W4G128),
-    "w8a8-rtn": QuantConfig(weight=_W8, activation=_A8),
-    "w8a8-static-rtn": QuantConfig(weight=_W8, activation=_A8, activation_scope="static"),
-})
+    f"{scheme}-{method}": QuantConfig(weight=weight, activation=activation, activation_scope=scope, method=method)
+    for scheme, (weight, activation, scope) in SCHEMES.items() for method in PRESET_METHODS})
 
 
 def resolve_config(config: "QuantConfig | str") -> QuantConfig:
