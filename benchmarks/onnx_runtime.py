@@ -14,9 +14,6 @@ calibration-like batch.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 import warnings
@@ -29,6 +26,8 @@ import torch
 import qcompile
 from qcompile import QuantConfig, QuantSpec
 
+from .common import median_ms, write_results
+
 
 def file_size(path: Path) -> int:
     """Bytes of an ONNX model and its external data file, if any."""
@@ -38,13 +37,7 @@ def file_size(path: Path) -> int:
 
 def latency_ms(path: Path, feeds: dict, repeats: int) -> float:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    session.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    return median_ms(lambda: session.run(None, feeds), repeats)
 
 
 def output(path: Path, feeds: dict) -> np.ndarray:
@@ -202,12 +195,7 @@ def main() -> None:
         rows = bench_model("llama-4L", model, calib, shapes, configs, peers, workdir, repeats)
         print_rows(rows)
         results += rows
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "onnxruntime": ort.__version__, "quick": args.quick}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.json, "w") as handle:
-        json.dump({"meta": meta, "rows": results}, handle, indent=1)
-    print(f"wrote {args.json}")
+    write_results(args.json, results, onnxruntime=ort.__version__, quick=args.quick)
 
 
 if __name__ == "__main__":

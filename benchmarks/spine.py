@@ -11,14 +11,14 @@ calibrated on random inputs of their real input size.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 import warnings
 
 import torch
 
 import qcompile
+
+from .common import write_results
 
 
 def timm_model(name):
@@ -116,11 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = run(args.quick)
     print_table(rows)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": torch.get_num_threads(),
-            "torch": torch.__version__, "qcompile": qcompile.__version__, "quick": args.quick}
-    with open(args.json, "w") as handle:
-        json.dump({"meta": meta, "rows": rows}, handle, indent=1)
-    print(f"wrote {args.json}")
+    write_results(args.json, rows, qcompile=qcompile.__version__, quick=args.quick)
 
 
 if __name__ == "__main__":

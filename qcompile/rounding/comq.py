@@ -12,7 +12,9 @@ by coordinate descent. Each step fixes everything but one coordinate and sets it
 So the loss never increases. ``G = E H`` is kept up to date with rank-one updates, which makes a sweep
 cost rows·cols² flops at matrix speed. Codes start from nearest rounding. Options: ``sweeps`` (3);
 ``greedy`` (True): each row visits its columns by decreasing |W_rj|·||x_j||, the paper's greedy order;
-``update_scales`` (True).
+``update_scales`` (True); ``damp`` (0.01): λ = damp · mean(diag H) added to diag(H), as in GPTQ, so that
+a rank-deficient H (fewer calibration samples than inputs, dead inputs) still penalises moving W off the
+calibration subspace.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from ..ir import Block, QuantParams
 from .layerwise import Solution, layer_objective, layerwise_params
 from .registry import check_options, register
 
-DEFAULTS = {"sweeps": 3, "greedy": True, "update_scales": True}
+DEFAULTS = {"sweeps": 3, "greedy": True, "update_scales": True, "damp": 0.01}
 
 
 def comq_solve(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, options: Mapping[str, Any]) -> Solution:
@@ -35,6 +37,9 @@ def comq_solve(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, option
     rows, cols = weight.shape
     qmin, qmax = spec.qrange
     per_tensor = spec.granularity == "tensor"
+    diagonal = torch.diag(gram)
+    gram = gram + float(options["damp"]) * float(diagonal.mean()) * torch.eye(cols, dtype=gram.dtype,
+                                                                               device=gram.device)
     scale, zero_point = P.weight_scale_zero_point(weight, spec.bits, spec.symmetric, spec.group_size, per_tensor,
                                                   spec.observer)
     codes = P.quantize_weight(weight, scale, zero_point, spec.bits, spec.symmetric).float()

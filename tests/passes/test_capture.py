@@ -3,7 +3,6 @@ import torch
 
 from qcompile.errors import CalibrationError, CaptureError
 from qcompile.ir import GM_CAPTURED_BY, META_MODULE_PATH, normalize_batch
-from qcompile.passes import capture as capture_module
 from qcompile.passes.capture import capture, flatten_inputs
 from tests.conftest import MODELS, call, user_net
 
