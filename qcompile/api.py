@@ -12,7 +12,7 @@ from . import primitives as P
 from . import rounding
 from .config import QuantConfig, resolve_config
 from .errors import CalibrationError
-from .ir import Partition, fetch_attr, normalize_batch
+from .ir import Partition, fetch_attr, module_device, normalize_batch
 from .passes.capture import capture, flatten_inputs
 from .passes.fold import fold, folded_params
 from .passes.optimize import OptimizeResult, optimize
@@ -67,7 +67,7 @@ def compile(model: torch.nn.Module, calib: Iterable[Any], config: QuantConfig | 
     an iterable of example inputs (tensors, tuples of tensors, or dicts of keyword arguments)."""
     config = resolve_config(config)
     rounding.get(config.method)
-    device = _device_of(model)
+    device = module_device(model)
     batches = _materialize(calib, device)
     start = time.perf_counter()
     example = _example(batches)
@@ -98,13 +98,6 @@ def module_nbytes(module: torch.nn.Module) -> int:
             seen.add(key)
             total += tensor.numel() * tensor.element_size()
     return total
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _materialize(calib: Iterable[Any], device: torch.device) -> list[tuple[tuple, dict]]:

@@ -146,6 +146,14 @@ class Block:
         return next(layer for layer in self.layers if layer.weight == weight)
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter (or buffer); CPU for a module without tensors."""
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 def fetch_attr(module: torch.nn.Module, target: str) -> Any:
     """The attribute behind a get_attr target such as "layers.0.mlp.weight"."""
     owner, _, attr = target.rpartition(".")

@@ -18,7 +18,7 @@ from torch import fx
 
 from .. import primitives as P
 from ..ir import (ActivationParams, META_MODULE_PATH, META_ROLE, META_WEIGHT, QuantLayer, QuantParams,
-                  ROLE_ACTIVATION_QDQ, ROLE_WEIGHT_DEQUANT, fetch_attr)
+                  ROLE_ACTIVATION_QDQ, ROLE_WEIGHT_DEQUANT, fetch_attr, module_device)
 from ..ops import DEQUANTIZE_WEIGHT, QUANTIZE_DEQUANTIZE
 
 
@@ -77,7 +77,7 @@ def _insert_activation_qdq(gm: fx.GraphModule, by_name: dict[str, fx.Node],
                            activation_params: Mapping[str, ActivationParams]) -> None:
     """One quantize-dequantize right after each quantized value; every reader then reads it quantized."""
     first_compute = next(n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr"))
-    device = _device(gm)
+    device = module_device(gm)
     for name, params in activation_params.items():
         value = by_name.get(name)
         if value is None:
@@ -90,13 +90,6 @@ def _insert_activation_qdq(gm: fx.GraphModule, by_name: dict[str, fx.Node],
             qdq = gm.graph.call_function(QUANTIZE_DEQUANTIZE, (value, scale, zero_point, qmin, qmax))
         qdq.meta.update({META_MODULE_PATH: value.meta.get(META_MODULE_PATH, ""), META_ROLE: ROLE_ACTIVATION_QDQ})
         value.replace_all_uses_with(qdq, delete_user_cb=lambda user: user is not qdq)
-
-
-def _device(gm: fx.GraphModule) -> torch.device:
-    tensor = next(iter(gm.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(gm.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def folded_params(gm: fx.GraphModule) -> dict[str, QuantParams]:

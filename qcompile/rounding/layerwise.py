@@ -23,7 +23,7 @@ from torch import fx
 
 from .. import primitives as P
 from ..config import QuantSpec
-from ..ir import Block, QuantLayer, QuantParams
+from ..ir import Block, QuantLayer, QuantParams, module_device
 from .rtn import round_to_nearest
 
 
@@ -126,7 +126,7 @@ def _stages(block: Block, layers: list[QuantLayer]) -> list[list[QuantLayer]]:
 def layerwise_params(block: Block, inputs: list[tuple], specs: Mapping[str, QuantSpec], solver: Solver,
                      options: Mapping[str, Any]) -> dict[str, QuantParams]:
     """QuantParams for ``specs`` (weight target -> spec) found by ``solver`` on each layer's Gram matrix."""
-    device = next((t.device for t in block.graph_module.parameters()), torch.device("cpu"))
+    device = module_device(block.graph_module)
     layers = [layer for layer in block.layers if layer.weight in specs]
     first_reader = {}
     for layer in layers:
