@@ -58,7 +58,7 @@ def export_onnx(gm: fx.GraphModule, example: tuple[tuple, dict], path: str | os.
         warnings.simplefilter("ignore")
         program = torch.onnx.export(view, args, kwargs=kwargs, dynamo=True, opset_version=opset,
                                     custom_translation_table=TRANSLATIONS,
-                                    dynamic_shapes=dynamic_shapes(view, args, kwargs), optimize=False,
+                                    dynamic_shapes=dynamic_shapes(view, args, kwargs), optimize=True,
                                     verbose=False, report=False)
     model = program.model_proto
     _narrow_to_int4(model, narrow)
@@ -168,21 +168,37 @@ def _drop_unread(view: fx.GraphModule) -> None:
 
 
 def _narrow_to_int4(model: onnx.ModelProto, narrow: dict[str, bool]) -> None:
-    """Re-type the named int8/uint8 initializers as INT4/UINT4 (values unchanged, two a byte)."""
-    for tensor in model.graph.initializer:
-        if tensor.name not in narrow:
-            continue
-        signed = narrow[tensor.name]
+    """Store the codes named in ``narrow`` (and their zero points) as INT4/UINT4 initializers.
+
+    The exporter's optimizer may merge identical initializers (zero points, rarely codes); a merged
+    tensor keeps one name. A DequantizeLinear is narrowed when its codes carry a narrowed name: the
+    values fit either container and DequantizeLinear gives the same result in both, so the only rule to
+    keep is that codes and zero point share a type; a zero point shared with an 8-bit DequantizeLinear
+    gets a private 4-bit copy."""
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    dequantizers = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers]
+    narrowed = [n for n in dequantizers if n.input[0] in narrow]
+    wide_zero_points = {n.input[2] for n in dequantizers if n.input[0] not in narrow and len(n.input) > 2}
+    targets: dict[str, bool] = {}
+    for node in narrowed:
+        signed = narrow[node.input[0]]
+        targets[node.input[0]] = signed
+        if len(node.input) > 2 and node.input[2] in initializers:
+            if node.input[2] in wide_zero_points:
+                private = onnx.TensorProto()
+                private.CopyFrom(initializers[node.input[2]])
+                private.name = f"{node.input[0]}_zero_point4"
+                model.graph.initializer.append(private)
+                initializers[private.name] = private
+                node.input[2] = private.name
+            targets[node.input[2]] = signed
+    for name, signed in targets.items():
+        tensor = initializers[name]
         values = onnx.numpy_helper.to_array(tensor)
         nibbles = torch.from_numpy(np.ascontiguousarray(values).astype(np.int16) & 0xF).reshape(1, -1)
-        packed = P.pack_codes(nibbles, 4, 0).numpy()
         tensor.data_type = onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
-        tensor.raw_data = packed.tobytes()
+        tensor.raw_data = P.pack_codes(nibbles, 4, 0).numpy().tobytes()
         del tensor.int32_data[:]
     for info in [*model.graph.value_info, *model.graph.input]:
-        if info.name in narrow:
-            info.type.tensor_type.elem_type = onnx.TensorProto.INT4 if narrow[info.name] else onnx.TensorProto.UINT4
-    missing = set(narrow) - {t.name for t in model.graph.initializer}
-    if missing:
-        raise UnsupportedOpError(f"the ONNX exporter renamed or folded the quantized initializers {sorted(missing)[:3]}; "
-                                 "cannot store them as 4-bit")
+        if info.name in targets:
+            info.type.tensor_type.elem_type = onnx.TensorProto.INT4 if targets[info.name] else onnx.TensorProto.UINT4
