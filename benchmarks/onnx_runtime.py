@@ -180,17 +180,17 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        w4_vision = {"resnet18": QuantConfig(weight=QuantSpec(bits=4, symmetric=False)),
-                     "vit_tiny_patch16_224": QuantConfig(weight=QuantSpec(bits=4, group_size=32, symmetric=False),
-                                                         overrides={"patch_embed.proj": QuantSpec(bits=4, symmetric=False)})}
+        w4_vision = QuantConfig(weight=QuantSpec(bits=4, symmetric=False))  # per channel: ViT-tiny rows are 192 wide
         for name in () if args.lm_only else ("resnet18", "vit_tiny_patch16_224"):
             model, calib, shapes = vision(name, args.quick)
-            configs = {"w8a8-static": "w8a8-static-rtn", "w8a8": "w8a8-rtn", "w4": w4_vision[name]}
+            configs = {"w8a8-static": "w8a8-static-rtn", "w8a8": "w8a8-rtn", "w4": w4_vision}
             rows = bench_model(name, model, calib, shapes, configs, {"ort quantize_static": static}, workdir, repeats)
             print_rows(rows)
             results += rows
         model, calib, shapes = llama(args.quick)
-        configs = {"w8a8": "w8a8-rtn", "w4g128": "w4g128-rtn"}
+        g128 = QuantSpec(bits=4, group_size=128, symmetric=False)
+        configs = {"w8a8": "w8a8-rtn", "w4g128": "w4g128-rtn",
+                   "w4g128 + embedding": QuantConfig(weight=g128, overrides={"model.embed_tokens": g128})}
         peers = {"ort MatMulNBits rtn g128": lambda fp32, out, feeds: ort_matmul_nbits(fp32, out, 128)}
         rows = bench_model("llama-4L", model, calib, shapes, configs, peers, workdir, repeats)
         print_rows(rows)

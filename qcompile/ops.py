@@ -7,6 +7,8 @@ torch.export, run under torch.compile and have one definition that lowerings tra
   of an activation (QuantizeLinear -> DequantizeLinear in ONNX terms).
 - ``qcompile::dequantize_linear(codes, scale, zero_point, axis, block_size)``: ONNX DequantizeLinear
   semantics on unpacked codes (used by the ONNX lowering's view of a folded graph).
+- ``qcompile::gather_block_quantized(codes, indices, scale, zero_point, block_size)``: an embedding
+  lookup that dequantizes only the gathered rows (onnxruntime's GatherBlockQuantized).
 """
 from __future__ import annotations
 
@@ -67,6 +69,22 @@ def _(codes, scale, zero_point, axis, block_size):
     return codes.new_empty(codes.shape, dtype=scale.dtype)
 
 
+@torch.library.custom_op("qcompile::gather_block_quantized", mutates_args=())
+def gather_block_quantized(codes: torch.Tensor, indices: torch.Tensor, scale: torch.Tensor,
+                           zero_point: torch.Tensor, block_size: int) -> torch.Tensor:
+    """codes: [rows, cols]; scale, zero_point: [rows, cols / block_size]; indices: any shape.
+    Returns float32 indices.shape + [cols]: the dequantized rows ``indices`` picks."""
+    rows = codes[indices]
+    return P.dequantize(rows, scale[indices].repeat_interleave(block_size, dim=-1),
+                        zero_point[indices].repeat_interleave(block_size, dim=-1))
+
+
+@gather_block_quantized.register_fake
+def _(codes, indices, scale, zero_point, block_size):
+    return scale.new_empty((*indices.shape, codes.shape[1]))
+
+
 DEQUANTIZE_WEIGHT = torch.ops.qcompile.dequantize_weight.default
+GATHER_BLOCK_QUANTIZED = torch.ops.qcompile.gather_block_quantized.default
 DEQUANTIZE_LINEAR = torch.ops.qcompile.dequantize_linear.default
 QUANTIZE_DEQUANTIZE = torch.ops.qcompile.quantize_dequantize.default

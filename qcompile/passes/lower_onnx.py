@@ -11,6 +11,10 @@ folded graph in which every ``qcompile::dequantize_weight`` (packed codes) becom
 - a conv weight: its own layout with per-channel ``axis=0``; group-wise conv weights are dequantized
   as the [out, K] matrix (``axis=1`` blocks) and reshaped, an exactly equivalent subgraph.
 
+- an embedding table of <= 4 bits with power-of-two blocks >= 16: onnxruntime's
+  ``com.microsoft.GatherBlockQuantized`` (it does not fuse DequantizeLinear -> Gather, which would
+  dequantize the whole table on every call); other embeddings: DequantizeLinear -> Gather.
+
 Codes of 2..4 bits are stored as INT4/UINT4 initializers (same values, same DequantizeLinear result),
 5..8 bits as INT8/UINT8. ``qcompile::quantize_dequantize`` becomes QuantizeLinear -> DequantizeLinear
 (8-bit activations; other widths raise ``UnsupportedOpError``). Batch and sequence dims stay dynamic.
@@ -24,16 +28,36 @@ import numpy as np
 import onnx
 import torch
 from onnxscript import opset21 as onnx_op
+from onnxscript.values import Op, Opset
 from torch import fx
 
 from .. import primitives as P
 from ..errors import UnsupportedOpError
 from ..ir import META_MODULE_PATH, META_WEIGHT, QuantParams, fetch_attr
-from ..ops import DEQUANTIZE_LINEAR, DEQUANTIZE_WEIGHT, QUANTIZE_DEQUANTIZE
+from ..ops import DEQUANTIZE_LINEAR, DEQUANTIZE_WEIGHT, GATHER_BLOCK_QUANTIZED, QUANTIZE_DEQUANTIZE
 from .capture import dynamic_shapes
 from .fold import folded_params
+from .partition import EMBEDDING_TARGETS
 
 _LINEAR_TARGETS = {torch.ops.aten.linear.default, torch._C._nn.linear}
+def _gather_block_quantized_schema() -> onnx.defs.OpSchema:
+    """onnxruntime's contrib op, described for onnxscript (onnx ships no schema for it)."""
+    schema = onnx.defs.OpSchema
+    integers = ["tensor(uint8)", "tensor(int8)"]
+    return schema(
+        "GatherBlockQuantized", "com.microsoft", 1,
+        inputs=[schema.FormalParameter("data", "T1"), schema.FormalParameter("indices", "Tind"),
+                schema.FormalParameter("scales", "T2"), schema.FormalParameter("zero_points", "T1")],
+        outputs=[schema.FormalParameter("output", "T2")],
+        type_constraints=[("T1", integers, ""), ("Tind", ["tensor(int32)", "tensor(int64)"], ""),
+                          ("T2", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "")],
+        attributes=[schema.Attribute(name, schema.AttrType.INT, "") for name in
+                    ("block_size", "gather_axis", "quantize_axis")])
+
+
+_GATHER_BLOCK_QUANTIZED = Op(Opset("com.microsoft", 1), "GatherBlockQuantized", _gather_block_quantized_schema())
+# op type -> positions of (codes, zero point) among its inputs, for the 4-bit narrowing
+_QUANTIZED_READERS = {"DequantizeLinear": (0, 2), "GatherBlockQuantized": (0, 3)}
 
 
 def _dequantize_linear_onnx(codes, scale, zero_point, axis: int, block_size: int):
@@ -44,7 +68,13 @@ def _quantize_dequantize_onnx(x, scale, zero_point, qmin: int, qmax: int):
     return onnx_op.DequantizeLinear(onnx_op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
 
 
-TRANSLATIONS = {DEQUANTIZE_LINEAR: _dequantize_linear_onnx, QUANTIZE_DEQUANTIZE: _quantize_dequantize_onnx}
+def _gather_block_quantized_onnx(codes, indices, scale, zero_point, block_size: int):
+    return _GATHER_BLOCK_QUANTIZED(codes, indices, scale, zero_point, block_size=block_size, gather_axis=0,
+                                   quantize_axis=1)
+
+
+TRANSLATIONS = {DEQUANTIZE_LINEAR: _dequantize_linear_onnx, QUANTIZE_DEQUANTIZE: _quantize_dequantize_onnx,
+                GATHER_BLOCK_QUANTIZED: _gather_block_quantized_onnx}
 
 
 def export_onnx(gm: fx.GraphModule, example: tuple[tuple, dict], path: str | os.PathLike, opset: int = 21
@@ -61,6 +91,8 @@ def export_onnx(gm: fx.GraphModule, example: tuple[tuple, dict], path: str | os.
                                     dynamic_shapes=dynamic_shapes(view, args, kwargs), optimize=True,
                                     verbose=False, report=False)
     model = program.model_proto
+    for node in model.graph.node:  # the exporter's stack traces and FX dumps: ~0.5 MiB on a ViT-tiny
+        del node.metadata_props[:]
     _narrow_to_int4(model, narrow)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, os.fspath(path))
@@ -95,6 +127,8 @@ def _lower_dequantize(view: fx.GraphModule, node: fx.Node, params: QuantParams, 
     owner, _, attr = weight.rpartition(".")
     dtype = node.args[7]
     users = list(node.users)
+    if _lower_embedding_lookup(view, node, params, users, narrow):
+        return
     rewritable = all(_matmul_operands(user, node) is not None for user in users)
     matmul_layout = len(params.shape) == 2 and (params.axis == 1 or rewritable)
     codes, scale, zero_point = params.weight_codes, params.scale, params.zero_point
@@ -148,6 +182,39 @@ def _lower_dequantize(view: fx.GraphModule, node: fx.Node, params: QuantParams, 
     view.graph.erase_node(node)
 
 
+def _lower_embedding_lookup(view: fx.GraphModule, node: fx.Node, params: QuantParams, users: list[fx.Node],
+                            narrow: dict[str, bool]) -> bool:
+    """Embedding lookups of a <= 4-bit table with power-of-two blocks >= 16 become gathers of quantized
+    rows; False (nothing changed) for any other reader or layout."""
+    readers = [user for user in users if user.target in EMBEDDING_TARGETS
+               and user.args[EMBEDDING_TARGETS[user.target][1]] is node]
+    rows, cols = params.weight_codes.shape
+    block = cols // params.scale.shape[1]
+    if not users or len(readers) != len(users) or params.bits > 4 or len(params.shape) != 2 \
+            or params.scale.shape[0] != rows or block < 16 or block & (block - 1):
+        return False
+    weight = node.meta[META_WEIGHT]
+    owner, _, attr = weight.rpartition(".")
+    module = view.get_submodule(owner) if owner else view
+    device = fetch_attr(view, node.args[0].target).device
+    tensors = {"q": params.weight_codes, "q_scale": params.scale, "q_zero_point": params.zero_point}
+    for suffix, tensor in tensors.items():
+        module.register_buffer(f"{attr}_{suffix}", tensor.contiguous().to(device))
+    narrow[f"{weight}_q"] = narrow[f"{weight}_q_zero_point"] = params.symmetric
+    for user in readers:
+        with view.graph.inserting_before(user):
+            codes, scale, zero_point = (view.graph.get_attr(f"{weight}_{s}") for s in tensors)
+            value = view.graph.call_function(GATHER_BLOCK_QUANTIZED, (
+                codes, user.args[EMBEDDING_TARGETS[user.target][0]], scale, zero_point, block))
+            if node.args[7] != torch.float32:
+                value = view.graph.call_function(torch.ops.aten._to_copy.default, (value,), {"dtype": node.args[7]})
+        value.meta[META_MODULE_PATH] = node.meta.get(META_MODULE_PATH, "")
+        user.replace_all_uses_with(value)
+        view.graph.erase_node(user)
+    view.graph.erase_node(node)
+    return True
+
+
 def _matmul_operands(user: fx.Node, weight: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:
     """(x, bias) when ``user`` computes x @ W (+ bias) with ``weight`` as W: linear(x, W, b) reading
     W transposed, or addmm(b, x, W) with unit alpha/beta; None otherwise."""
@@ -171,27 +238,29 @@ def _narrow_to_int4(model: onnx.ModelProto, narrow: dict[str, bool]) -> None:
     """Store the codes named in ``narrow`` (and their zero points) as INT4/UINT4 initializers.
 
     The exporter's optimizer may merge identical initializers (zero points, rarely codes); a merged
-    tensor keeps one name. A DequantizeLinear is narrowed when its codes carry a narrowed name: the
-    values fit either container and DequantizeLinear gives the same result in both, so the only rule to
-    keep is that codes and zero point share a type; a zero point shared with an 8-bit DequantizeLinear
-    gets a private 4-bit copy."""
+    tensor keeps one name. A DequantizeLinear / GatherBlockQuantized is narrowed when its codes carry a
+    narrowed name: the values fit either container and the op gives the same result in both, so the only
+    rule to keep is that codes and zero point share a type; a zero point shared with an 8-bit reader gets
+    a private 4-bit copy."""
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
-    dequantizers = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers]
-    narrowed = [n for n in dequantizers if n.input[0] in narrow]
-    wide_zero_points = {n.input[2] for n in dequantizers if n.input[0] not in narrow and len(n.input) > 2}
+    readers = [n for n in model.graph.node if n.op_type in _QUANTIZED_READERS and n.input[0] in initializers]
+    zero_point_of = {id(n): _QUANTIZED_READERS[n.op_type][1] for n in readers}
+    wide_zero_points = {n.input[zero_point_of[id(n)]] for n in readers
+                        if n.input[0] not in narrow and len(n.input) > zero_point_of[id(n)]}
     targets: dict[str, bool] = {}
-    for node in narrowed:
+    for node in (n for n in readers if n.input[0] in narrow):
         signed = narrow[node.input[0]]
         targets[node.input[0]] = signed
-        if len(node.input) > 2 and node.input[2] in initializers:
-            if node.input[2] in wide_zero_points:
+        position = zero_point_of[id(node)]
+        if len(node.input) > position and node.input[position] in initializers:
+            if node.input[position] in wide_zero_points:
                 private = onnx.TensorProto()
-                private.CopyFrom(initializers[node.input[2]])
+                private.CopyFrom(initializers[node.input[position]])
                 private.name = f"{node.input[0]}_zero_point4"
                 model.graph.initializer.append(private)
                 initializers[private.name] = private
-                node.input[2] = private.name
-            targets[node.input[2]] = signed
+                node.input[position] = private.name
+            targets[node.input[position]] = signed
     for name, signed in targets.items():
         tensor = initializers[name]
         values = onnx.numpy_helper.to_array(tensor)

@@ -1,7 +1,8 @@
 """partition: GraphModule -> Partition (quantizable layers and reconstruction blocks).
 
-1. Finds quantizable ops: linear, conv1d/2d/3d, and matmul/mm/addmm whose right operand is a 2-D
-   parameter (GPT-2's Conv1D). Ops that look quantizable but are not supported (transposed conv, a
+1. Finds quantizable ops: linear, conv1d/2d/3d, matmul/mm/addmm whose right operand is a 2-D
+   parameter (GPT-2's Conv1D), and embeddings (quantized only when an override names them, since
+   weight-only LLM recipes keep them float by default). Ops that look quantizable but are not supported (transposed conv, a
    weight computed in the graph, a parameter on the left of a matmul) stay float with a reason.
 2. Builds the dependency DAG (networkx) of the nodes downstream of quantized ops; values that no
    quantized op influences (masks, rotary tables, embeddings) are the same in the float and the
@@ -38,6 +39,7 @@ ADDMM_TARGETS = {_aten.addmm.default, torch.addmm}
 FUSABLE_ACTIVATIONS = {_aten.relu.default, _aten.relu_.default, _aten.hardtanh.default, _aten.hardtanh_.default,
                        torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.hardtanh}
 ADD_TARGETS = {_aten.add.Tensor, _aten.add_.Tensor, operator.add, torch.add}
+EMBEDDING_TARGETS = {_aten.embedding.default: (1, 0), torch.nn.functional.embedding: (0, 1)}  # (indices, weight)
 TRANSPOSED_CONV_TARGETS = {_aten.conv_transpose1d.default, _aten.conv_transpose2d.input,
                            _aten.conv_transpose3d.input, torch.conv_transpose1d, torch.conv_transpose2d,
                            torch.conv_transpose3d}
@@ -66,8 +68,11 @@ def activation_values(gm: fx.GraphModule, layers: list[QuantLayer], scope: str) 
     so that the activation fuses into the integer kernel."""
     by_name = {node.name: node for node in gm.graph.nodes}
     layer_nodes = {layer.node for layer in layers}
+    embedding_nodes = {layer.node for layer in layers if layer.op == "embedding"}
     values = set()
     for layer in layers:
+        if layer.op == "embedding":
+            continue  # its input is token indices
         value = by_name[layer.node].args[layer.input_index]
         if isinstance(value, fx.Node):
             values.add(value.name)
@@ -76,7 +81,7 @@ def activation_values(gm: fx.GraphModule, layers: list[QuantLayer], scope: str) 
             operands = [arg for arg in node.args if isinstance(arg, fx.Node)]
             joins_quantized = node.op == "call_function" and node.target in ADD_TARGETS and len(operands) == 2 \
                 and all(arg.name in values for arg in operands)
-            if node.name in layer_nodes or joins_quantized:
+            if (node.name in layer_nodes and node.name not in embedding_nodes) or joins_quantized:
                 users = list(node.users)
                 fused = len(users) == 1 and users[0].op == "call_function" and users[0].target in FUSABLE_ACTIVATIONS
                 values.add(users[0].name if fused else node.name)
@@ -122,6 +127,8 @@ def find_layers(gm: fx.GraphModule, config: QuantConfig) -> tuple[list[QuantLaye
         if pattern is not None:
             matched.add(pattern)
         reason = None if spec is not None else f"override {pattern!r} keeps it float"
+        if op == "embedding" and pattern is None:
+            spec, reason = None, "embeddings stay float unless an override names them"
         if spec is not None and spec.group_size > 0:
             cols = weight.numel() // weight.shape[axis]
             if cols % spec.group_size:
@@ -163,6 +170,9 @@ def _match(node: fx.Node):
         return "conv", 0, 1, 0, "transposed convolution is not supported yet"
     if target in ADDMM_TARGETS:
         return "matmul", 1, 2, 1, None
+    if target in EMBEDDING_TARGETS:
+        indices, weight = EMBEDDING_TARGETS[target]
+        return "embedding", indices, weight, 0, None
     if target in MATMUL_TARGETS:
         left = node.args[0]
         if isinstance(left, fx.Node) and left.op == "get_attr":

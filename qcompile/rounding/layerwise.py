@@ -9,8 +9,8 @@ sequential" in GPTQ's reference implementation).
 
 Input matrices X by op: linear / matmul / addmm: the last dim of the input; conv1d/conv2d: unfolded
 patches (``F.unfold``), in the (channel, kernel) order of ``weight.reshape(out, -1)``; a grouped conv
-gets one Gram matrix per group for its rows. Conv3d and ``padding="same"`` convs have no unfolded form
-here: ``layerwise_params`` hands them back for nearest rounding.
+gets one Gram matrix per group for its rows. Embeddings (lookups), conv3d and ``padding="same"`` convs
+have no input matrix here: ``layerwise_params`` rounds them to nearest.
 """
 from __future__ import annotations
 
@@ -74,6 +74,8 @@ def _input_rows(layer: QuantLayer, node: fx.Node, x: torch.Tensor, weight_shape:
     """The layer's inputs as rows of X ([n, cols] or, for grouped convs, [groups, n, cols/groups])."""
     if layer.op in ("linear", "matmul"):
         return x.reshape(-1, x.shape[-1]).float()
+    if layer.op == "embedding":
+        return None  # a lookup has no input matrix: nearest rounding
     geometry = _conv_geometry(node, len(weight_shape) - 2)
     if geometry is None:
         return None

@@ -131,3 +131,22 @@ def test_export_after_load(tmp_path):
     loaded.export_onnx(tmp_path / "gpt2.onnx")
     out = run(session(tmp_path / "gpt2.onnx", exact_matmul_nbits=True), batches[1])
     assert rms_relative(call(qm, batches[1]).detach().numpy(), out) < 1e-5
+
+
+def test_quantized_embedding_lowers_to_gather_block_quantized(tmp_path):
+    factory, calib = MODELS["llama"]
+    model, batches = factory(), calib()
+    four_bit = QuantSpec(bits=4, group_size=32, symmetric=False)
+    qm = qcompile.compile(model, batches, QuantConfig(weight=four_bit, overrides={"model.embed_tokens": four_bit}),
+                          progress=False)
+    rows = {row.path: row for row in qm.report().layers}
+    assert rows["model.embed_tokens"].status == "quantized" and rows["model.embed_tokens"].bits == 4
+    path = tmp_path / "llama.onnx"
+    exported = qm.export_onnx(path)
+    gather = next(n for n in exported.graph.node if n.op_type == "GatherBlockQuantized")
+    table = next(t for t in exported.graph.initializer if t.name == gather.input[0])
+    assert table.data_type == onnx.TensorProto.UINT4
+    assert op_counts(path, tmp_path)["GatherBlockQuantized"] == 1
+    exact = session(path, exact_matmul_nbits=True)
+    for batch in batches:
+        assert rms_relative(call(qm, batch).detach().numpy(), run(exact, batch)) < 1e-5

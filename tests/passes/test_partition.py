@@ -128,3 +128,13 @@ def test_nan_weights_are_an_error():
     gm = capture(model, (torch.randn(2, 3),), {})
     with pytest.raises(InvalidModelError, match="'0.weight'.*NaN"):
         partition(gm, QuantConfig())
+
+
+def test_embeddings_stay_float_unless_an_override_names_them():
+    gm, _ = captured("llama")
+    layers = {layer.module_path: layer for layer in partition(gm, QuantConfig(weight=QuantSpec(bits=4))).layers}
+    embedding = layers["model.embed_tokens"]
+    assert embedding.op == "embedding" and embedding.spec is None and "override" in embedding.float_reason
+    config = QuantConfig(weight=QuantSpec(bits=4), overrides={"model.embed_tokens": QuantSpec(bits=8)})
+    layers = {layer.module_path: layer for layer in partition(gm, config).layers}
+    assert layers["model.embed_tokens"].spec.bits == 8

@@ -167,3 +167,14 @@ def test_runs_on_cuda(method):
     rtn = qcompile.compile(model, batches, "w4g128-rtn", progress=False)
     assert relative_error(call(model, batches[0]), call(qm, batches[0])) < \
         relative_error(call(model, batches[0]), call(rtn, batches[0]))
+
+
+@pytest.mark.parametrize("method", ["gptq", "comq"])
+def test_embeddings_fall_back_to_nearest_rounding(method):
+    factory, calib = MODELS["llama"]
+    model, batches = factory(), calib()
+    spec = QuantSpec(bits=4, group_size=32, symmetric=False)
+    config = QuantConfig(weight=spec, method=method, overrides={"model.embed_tokens": spec})
+    row = next(r for r in qcompile.compile(model, batches, config, progress=False).report().layers
+               if r.path == "model.embed_tokens")
+    assert row.status == "quantized" and row.weight_error == row.weight_error_rtn
