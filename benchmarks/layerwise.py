@@ -2,7 +2,7 @@
 
     python -m benchmarks.layerwise [--quick] [--json benchmarks/results/layerwise.json]
 
-Models: DigitNet trained here on real MNIST digits (examples/demo.py; metric: accuracy on 1,000 held-out
+Models: DigitNet trained here on real MNIST digits (benchmarks/zoo/mnist.py; metric: accuracy on 1,000 held-out
 digits), and timm ResNet-18 / ViT-tiny and a 4-layer Llama built from configs (random weights; metric:
 relative output error against float on held-out random inputs, since they have no task). Calibration:
 256 training digits / 4 random batches. Columns: metric, mean block output error (report), mean
@@ -37,7 +37,7 @@ def schemes(group: int, per_channel_overrides: tuple[str, ...]) -> dict[str, Qua
 
 
 def digitnet():
-    from examples.demo import load_or_train
+    from .zoo.mnist import load_or_train
     model, (train, test) = load_or_train()
     calib = list(train[0][:256].split(32))
 

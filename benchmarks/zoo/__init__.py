@@ -1,0 +1,1 @@
+"""Models trained here on real data, and their data splits."""
