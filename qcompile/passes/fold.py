@@ -27,7 +27,7 @@ def fold(gm: fx.GraphModule, layers: Iterable[QuantLayer], weight_params: Mappin
     """Rewrite ``gm`` in place (and return it): quantized weights and activations of ``layers`` that
     have params. Works on the whole model and on a block's GraphModule alike."""
     by_name = {node.name: node for node in gm.graph.nodes}
-    layers = [layer for layer in layers if layer.node in by_name and layer.weight in weight_params]
+    layers = [layer for layer in layers if layer.quantized and layer.node in by_name and layer.weight in weight_params]
     dequantized: dict[str, fx.Node] = {}
     for layer in layers:
         node = by_name[layer.node]

@@ -89,3 +89,13 @@ def test_folded_graph_survives_torch_export():
     targets = {node.target for node in exported.graph.nodes if node.op == "call_function"}
     assert DEQUANTIZE_WEIGHT in targets and QUANTIZE_DEQUANTIZE in targets
     assert torch.equal(exported.module()(**batches[0]).logits, qm(**batches[0]).logits)
+
+
+def test_tied_embedding_stays_float_when_only_the_head_is_quantized():
+    factory, calib = MODELS["gpt2"]
+    model, batches = factory(), calib()
+    qm = qcompile.compile(model, batches, "w4a16-rtn", progress=False)
+    embedding = next(n for n in qm.graph_module.graph.nodes if n.target == torch.ops.aten.embedding.default)
+    table = embedding.args[0]
+    assert table.op == "get_attr" and fetch_attr(qm.graph_module, table.target).dtype == torch.float32
+    assert any("tied embedding" in note for note in qm.report().notes)
