@@ -102,8 +102,10 @@ class QuantConfig:
     def __post_init__(self):
         if not isinstance(self.weight, QuantSpec):
             raise ConfigError(f"QuantConfig.weight must be a QuantSpec, got {type(self.weight).__name__}")
-        if self.weight.observer == "percentile":
-            raise ConfigError("QuantConfig.weight.observer must be 'minmax' or 'mse' ('percentile' is for activations)")
+        for where, spec in [("weight", self.weight), *((f"overrides[{k!r}]", v) for k, v in self.overrides.items())]:
+            if isinstance(spec, QuantSpec) and spec.observer not in WEIGHT_OBSERVERS:
+                raise ConfigError(f"QuantConfig.{where}.observer must be one of {WEIGHT_OBSERVERS} "
+                                  f"('{spec.observer}' is for activations)")
         if self.activation is not None:
             if not isinstance(self.activation, QuantSpec):
                 raise ConfigError("QuantConfig.activation must be None or a QuantSpec")
