@@ -154,6 +154,19 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
+def drop_unread_tensors(gm: fx.GraphModule) -> None:
+    """Erase get_attr nodes nobody reads, then delete the parameters and buffers no get_attr reads, so
+    that the module holds exactly the tensors its graph uses (call ``gm.recompile()`` afterwards)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    read = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if name not in read:
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
 def fetch_attr(module: torch.nn.Module, target: str) -> Any:
     """The attribute behind a get_attr target such as "layers.0.mlp.weight"."""
     owner, _, attr = target.rpartition(".")

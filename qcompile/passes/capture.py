@@ -21,7 +21,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from ..errors import CalibrationError, CaptureError
-from ..ir import GM_CAPTURED_BY, GM_INPUT_NAMES, META_MODULE_PATH, fetch_attr
+from ..ir import GM_CAPTURED_BY, GM_INPUT_NAMES, META_MODULE_PATH, drop_unread_tensors, fetch_attr
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
@@ -42,7 +42,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule
                           f"({_first_line(export_error)}); using torch.fx symbolic tracing", stacklevel=3)
     _annotate_module_paths(gm)
     _fold_batch_norms(gm)
-    _drop_unread_tensors(gm)
+    drop_unread_tensors(gm)  # dead BatchNorm statistics, counters
+    gm.recompile()
     return gm
 
 
@@ -68,11 +69,12 @@ def inference_settings(model: torch.nn.Module):
 
 def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict | None:
     """Dim.AUTO for every dim (of size > 1) of every tensor input, keyed by forward's parameter names."""
+    signature = inspect.signature(model.forward)
     try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except TypeError:
         return None
-    params = inspect.signature(model.forward).parameters
+    params = signature.parameters
     if any(params[name].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
            for name in bound.arguments):
         return None
@@ -201,20 +203,6 @@ def _fold_batch_norms(gm: fx.GraphModule) -> None:
         gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "get_attr" and n.is_impure())
         gm.graph.lint()
         gm.recompile()
-
-
-def _drop_unread_tensors(gm: fx.GraphModule) -> None:
-    """Remove unused get_attr nodes, then the parameters and buffers no get_attr reads (dead BatchNorm
-    statistics, counters), so that the graph module holds exactly what the graph uses."""
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)
-    read = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
-    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if name not in read:
-            owner, _, attr = name.rpartition(".")
-            delattr(gm.get_submodule(owner) if owner else gm, attr)
-    gm.recompile()
 
 
 def _annotate_module_paths(gm: fx.GraphModule) -> None:

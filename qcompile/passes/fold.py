@@ -18,7 +18,7 @@ from torch import fx
 
 from .. import primitives as P
 from ..ir import (ActivationParams, META_MODULE_PATH, META_ROLE, META_WEIGHT, QuantLayer, QuantParams,
-                  ROLE_ACTIVATION_QDQ, ROLE_WEIGHT_DEQUANT, fetch_attr, module_device)
+                  ROLE_ACTIVATION_QDQ, ROLE_WEIGHT_DEQUANT, drop_unread_tensors, fetch_attr, module_device)
 from ..ops import DEQUANTIZE_WEIGHT, QUANTIZE_DEQUANTIZE
 
 
@@ -36,12 +36,7 @@ def fold(gm: fx.GraphModule, layers: Iterable[QuantLayer], weight_params: Mappin
             dequantized[layer.weight] = _insert_dequantize(gm, node, layer, weight_params[layer.weight],
                                                            fetch_attr(gm, layer.weight).dtype)
         node.replace_input_with(weight_node, dequantized[layer.weight])
-        if not weight_node.users:
-            gm.graph.erase_node(weight_node)
-    for target in dequantized:
-        if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
-            owner, _, attr = target.rpartition(".")
-            delattr(gm.get_submodule(owner), attr)
+    drop_unread_tensors(gm)  # float weights that only quantized layers read
     _insert_activation_qdq(gm, by_name, activation_params)
     gm.graph.lint()
     gm.recompile()

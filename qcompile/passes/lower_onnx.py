@@ -33,7 +33,7 @@ from torch import fx
 
 from .. import primitives as P
 from ..errors import UnsupportedOpError
-from ..ir import META_MODULE_PATH, META_WEIGHT, QuantParams, fetch_attr
+from ..ir import META_MODULE_PATH, META_WEIGHT, QuantParams, drop_unread_tensors, fetch_attr
 from ..ops import DEQUANTIZE_LINEAR, DEQUANTIZE_WEIGHT, GATHER_BLOCK_QUANTIZED, QUANTIZE_DEQUANTIZE
 from .capture import dynamic_shapes
 from .fold import folded_params
@@ -116,16 +116,13 @@ def onnx_view(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, bool]]:
             raise UnsupportedOpError(f"activation quantized to [{node.args[3]}, {node.args[4]}] at "
                                      f"{node.meta.get(META_MODULE_PATH)!r}: ONNX export supports 8-bit activations")
     view.graph.eliminate_dead_code()
-    _drop_unread(view)
+    drop_unread_tensors(view)
     view.graph.lint()
     view.recompile()
     return view, narrow
 
 
 def _lower_dequantize(view: fx.GraphModule, node: fx.Node, params: QuantParams, narrow: dict[str, bool]) -> None:
-    weight = node.meta[META_WEIGHT]
-    owner, _, attr = weight.rpartition(".")
-    dtype = node.args[7]
     users = list(node.users)
     if _lower_embedding_lookup(view, node, params, users, narrow):
         return
@@ -151,21 +148,13 @@ def _lower_dequantize(view: fx.GraphModule, node: fx.Node, params: QuantParams, 
         axis, block_size, reshape_to = 1, cols // scale.shape[1], list(params.shape)
     if scale.numel() == 1:
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
-    module = view.get_submodule(owner) if owner else view
-    device = fetch_attr(view, node.args[0].target).device
-    names = {}
-    for suffix, tensor in (("q", codes), ("q_scale", scale), ("q_zero_point", zero_point)):
-        module.register_buffer(f"{attr}_{suffix}", tensor.contiguous().to(device))
-        names[suffix] = f"{weight}_{suffix}"
-    if params.bits <= 4:
-        narrow[names["q"]] = narrow[names["q_zero_point"]] = params.symmetric
+    targets = _register_onnx_tensors(view, node, params, (codes, scale, zero_point), narrow)
     with view.graph.inserting_before(node):
-        inputs = [view.graph.get_attr(names[s]) for s in ("q", "q_scale", "q_zero_point")]
+        inputs = [view.graph.get_attr(target) for target in targets]
         value = view.graph.call_function(DEQUANTIZE_LINEAR, (*inputs, axis, block_size))
         if reshape_to is not None:
             value = view.graph.call_function(torch.ops.aten.reshape.default, (value, reshape_to))
-        if dtype != torch.float32:
-            value = view.graph.call_function(torch.ops.aten._to_copy.default, (value,), {"dtype": dtype})
+        value = _cast(view, value, node.args[7])
     for new in (*inputs, value):
         new.meta[META_MODULE_PATH] = node.meta.get(META_MODULE_PATH, "")
     if matmul_layout and rewritable:
@@ -182,6 +171,32 @@ def _lower_dequantize(view: fx.GraphModule, node: fx.Node, params: QuantParams, 
     view.graph.erase_node(node)
 
 
+def _register_onnx_tensors(view: fx.GraphModule, node: fx.Node, params: QuantParams,
+                           tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor], narrow: dict[str, bool]
+                           ) -> list[str]:
+    """Register (codes, scale, zero point) in ONNX layout as ``<weight>_q``, ``_q_scale``,
+    ``_q_zero_point`` beside the packed ones; mark codes and zero point for 4-bit storage when they
+    fit. Returns the three targets."""
+    weight = node.meta[META_WEIGHT]
+    owner, _, attr = weight.rpartition(".")
+    module = view.get_submodule(owner) if owner else view
+    device = fetch_attr(view, node.args[0].target).device
+    targets = []
+    for suffix, tensor in zip(("q", "q_scale", "q_zero_point"), tensors):
+        module.register_buffer(f"{attr}_{suffix}", tensor.contiguous().to(device))
+        targets.append(f"{weight}_{suffix}")
+    if params.bits <= 4:
+        narrow[targets[0]] = narrow[targets[2]] = params.symmetric
+    return targets
+
+
+def _cast(view: fx.GraphModule, value: fx.Node, dtype: torch.dtype) -> fx.Node:
+    """``value`` (float32) cast to the weight's dtype when that differs."""
+    if dtype == torch.float32:
+        return value
+    return view.graph.call_function(torch.ops.aten._to_copy.default, (value,), {"dtype": dtype})
+
+
 def _lower_embedding_lookup(view: fx.GraphModule, node: fx.Node, params: QuantParams, users: list[fx.Node],
                             narrow: dict[str, bool]) -> bool:
     """Embedding lookups of a <= 4-bit table with power-of-two blocks >= 16 become gathers of quantized
@@ -193,21 +208,14 @@ def _lower_embedding_lookup(view: fx.GraphModule, node: fx.Node, params: QuantPa
     if not users or len(readers) != len(users) or params.bits > 4 or len(params.shape) != 2 \
             or params.scale.shape[0] != rows or block < 16 or block & (block - 1):
         return False
-    weight = node.meta[META_WEIGHT]
-    owner, _, attr = weight.rpartition(".")
-    module = view.get_submodule(owner) if owner else view
-    device = fetch_attr(view, node.args[0].target).device
-    tensors = {"q": params.weight_codes, "q_scale": params.scale, "q_zero_point": params.zero_point}
-    for suffix, tensor in tensors.items():
-        module.register_buffer(f"{attr}_{suffix}", tensor.contiguous().to(device))
-    narrow[f"{weight}_q"] = narrow[f"{weight}_q_zero_point"] = params.symmetric
+    targets = _register_onnx_tensors(view, node, params, (params.weight_codes, params.scale, params.zero_point),
+                                     narrow)
     for user in readers:
         with view.graph.inserting_before(user):
-            codes, scale, zero_point = (view.graph.get_attr(f"{weight}_{s}") for s in tensors)
+            codes, scale, zero_point = (view.graph.get_attr(target) for target in targets)
             value = view.graph.call_function(GATHER_BLOCK_QUANTIZED, (
                 codes, user.args[EMBEDDING_TARGETS[user.target][0]], scale, zero_point, block))
-            if node.args[7] != torch.float32:
-                value = view.graph.call_function(torch.ops.aten._to_copy.default, (value,), {"dtype": node.args[7]})
+            value = _cast(view, value, node.args[7])
         value.meta[META_MODULE_PATH] = node.meta.get(META_MODULE_PATH, "")
         user.replace_all_uses_with(value)
         view.graph.erase_node(user)
@@ -224,14 +232,6 @@ def _matmul_operands(user: fx.Node, weight: fx.Node) -> tuple[fx.Node, fx.Node |
             and all(user.kwargs.get(k, 1) == 1 for k in ("alpha", "beta")):
         return user.args[1], user.args[0]
     return None
-
-
-def _drop_unread(view: fx.GraphModule) -> None:
-    read = {n.target for n in view.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(view.named_buffers(remove_duplicate=False)) + list(view.named_parameters(remove_duplicate=False)):
-        if name not in read:
-            owner, _, attr = name.rpartition(".")
-            delattr(view.get_submodule(owner) if owner else view, attr)
 
 
 def _narrow_to_int4(model: onnx.ModelProto, narrow: dict[str, bool]) -> None:

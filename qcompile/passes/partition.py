@@ -139,8 +139,9 @@ def find_layers(gm: fx.GraphModule, config: QuantConfig) -> tuple[list[QuantLaye
         layers.append(QuantLayer(node.name, op, path, weight_node.target, input_index, weight_index, axis,
                                  tuple(weight.shape), spec, reason))
     quantized_nodes = {layer.node for layer in layers if layer.quantized}
+    quantized_weights = {layer.weight for layer in layers if layer.quantized}
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and any(layer.weight == node.target for layer in layers if layer.quantized):
+        if node.op == "get_attr" and node.target in quantized_weights:
             others = [user.name for user in node.users if user.name not in quantized_nodes]
             if others:
                 notes.append(f"weight {node.target!r} is also read by non-quantized ops ({', '.join(others[:3])}, "
