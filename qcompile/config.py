@@ -176,7 +176,7 @@ SCHEMES = {
     "w8a8": (_W8, _A8, "inputs"),
     "w8a8-static": (_W8, _A8, "static"),
 }
-PRESET_METHODS = ("rtn", "gptq", "comq")
+PRESET_METHODS = ("rtn", "gptq", "comq", "adaround", "brecq", "signround")
 
 PRESETS: Mapping[str, QuantConfig] = MappingProxyType({
     f"{scheme}-{method}": QuantConfig(weight=weight, activation=activation, activation_scope=scope, method=method)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import fx
@@ -16,6 +16,8 @@ META_ROLE = "qcompile_role"                 # str: ROLE_* for nodes that fold in
 META_WEIGHT = "qcompile_weight"             # str: on a dequantize node, the weight target it replaces
 ROLE_WEIGHT_DEQUANT = "weight_dequantize"
 ROLE_ACTIVATION_QDQ = "activation_quantize_dequantize"
+ROLE_WEIGHT_FAKE_QUANT = "weight_fake_quantize"            # trainable copies (passes/fake_quant.py)
+ROLE_ACTIVATION_FAKE_QUANT = "activation_fake_quantize"
 
 # GraphModule.meta keys.
 GM_INPUT_NAMES = "qcompile_input_names"      # FX-traced graphs: forward's parameter names, placeholder order
@@ -165,6 +167,18 @@ def drop_unread_tensors(gm: fx.GraphModule) -> None:
         if name not in read:
             owner, _, attr = name.rpartition(".")
             delattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+def reroute_readers(graph: fx.Graph, value: fx.Node, make: Callable[[fx.Node], fx.Node]) -> fx.Node:
+    """Insert the node ``make(value)`` creates right after ``value`` (before the first computing node
+    when ``value`` is a graph input) and make every other reader of ``value`` read it instead."""
+    anchor = value.next
+    if value.op == "placeholder":
+        anchor = next(node for node in graph.nodes if node.op not in ("placeholder", "get_attr"))
+    with graph.inserting_before(anchor):
+        node = make(value)
+    value.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    return node
 
 
 def fetch_attr(module: torch.nn.Module, target: str) -> Any:

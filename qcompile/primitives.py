@@ -106,15 +106,22 @@ def mse_clip_range(x: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, bi
     return best_min, best_max
 
 
-def weight_scale_zero_point(w: torch.Tensor, bits: int, symmetric: bool, group_size: int,
-                            per_tensor: bool = False, observer: str = "minmax"
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of a [rows, cols] weight matrix, each [rows, n_groups] (per tensor: [1, 1])."""
+def weight_range(w: torch.Tensor, bits: int, symmetric: bool, group_size: int, per_tensor: bool = False,
+                 observer: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """The (min, max) a [rows, cols] weight matrix is quantized over, each [rows, n_groups] ([1, 1] per
+    tensor): the min/max, or with observer "mse" the shrunk range of ``mse_clip_range``."""
     w_min, w_max = minmax_range(w, group_size, per_tensor)
     if observer == "mse":
         values = w.float().reshape(1, 1, -1) if per_tensor else group_view(w.float(), group_size)
         w_min, w_max = mse_clip_range(values, w_min, w_max, bits, symmetric)
-    return scale_zero_point(w_min, w_max, bits, symmetric)
+    return w_min, w_max
+
+
+def weight_scale_zero_point(w: torch.Tensor, bits: int, symmetric: bool, group_size: int,
+                            per_tensor: bool = False, observer: str = "minmax"
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of a [rows, cols] weight matrix, each [rows, n_groups] (per tensor: [1, 1])."""
+    return scale_zero_point(*weight_range(w, bits, symmetric, group_size, per_tensor, observer), bits, symmetric)
 
 
 def expand_groups(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule
             warnings.warn(f"torch.export could not capture {type(model).__name__} "
                           f"({_first_line(export_error)}); using torch.fx symbolic tracing", stacklevel=3)
     _annotate_module_paths(gm)
+    _functionalize_inplace(gm)
     _fold_batch_norms(gm)
     drop_unread_tensors(gm)  # dead BatchNorm statistics, counters
     gm.recompile()
@@ -109,6 +110,55 @@ def _fx_trace(model: torch.nn.Module) -> fx.GraphModule:
     gm.meta[GM_CAPTURED_BY] = "torch.fx"
     gm.meta[GM_INPUT_NAMES] = [node.target for node in graph.nodes if node.op == "placeholder"]
     return gm
+
+
+def _functional_form(node: fx.Node) -> tuple[Any, dict] | None:
+    """(out-of-place target, kwargs) of an in-place op that mutates its first argument, else None:
+    ``aten.relu_`` -> ``aten.relu``, ``x.add_(y)`` -> ``x.add(y)``, ``F.relu(x, inplace=True)`` ->
+    ``F.relu(x, inplace=False)``."""
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        arguments = node.target._schema.arguments
+        if not (arguments and arguments[0].alias_info is not None and arguments[0].alias_info.is_write):
+            return None
+        packet = getattr(torch.ops.aten, node.target.__name__.split(".")[0].rstrip("_"), None)
+        overload = getattr(packet, node.target._overloadname, None) if packet is not None else None
+        return (overload, dict(node.kwargs)) if overload is not None and not overload._schema.is_mutable else None
+    if node.op == "call_function" and node.kwargs.get("inplace") is True:
+        return node.target, {**node.kwargs, "inplace": False}
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+        return (node.target[:-1], dict(node.kwargs)) if hasattr(torch.Tensor, node.target[:-1]) else None
+    return None
+
+
+def _is_view(node: Any) -> bool:
+    """Whether a node's value may alias another tensor (a view op, or a method we cannot see into)."""
+    if not isinstance(node, fx.Node) or node.op in ("placeholder", "get_attr"):
+        return False
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        returns = node.target._schema.returns
+        return bool(returns) and returns[0].alias_info is not None
+    return node.op == "call_method" and node.target in ("view", "reshape", "transpose", "permute", "expand",
+                                                       "narrow", "select", "unsqueeze", "squeeze", "flatten")
+
+
+def _functionalize_inplace(gm: fx.GraphModule) -> None:
+    """Rewrite in-place ops (``relu_``, ``hardswish_``, ``add_``) on non-view tensors into their
+    out-of-place forms, and let later readers of the mutated tensor read the result instead.
+
+    Blocks and calibration re-run the same stored inputs many times; an op that mutates a block's
+    input would change them on every run. Mutations of views are left as they are (a rewrite would
+    lose the write to the base tensor)."""
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        functional = _functional_form(node)
+        if functional is None or not node.args or _is_view(node.args[0]):
+            continue
+        mutated = node.args[0]
+        node.target, node.kwargs = functional
+        if isinstance(mutated, fx.Node):
+            mutated.replace_all_uses_with(
+                node, delete_user_cb=lambda user: user is not node and order.get(user, -1) > order[node])
+    gm.recompile()
 
 
 def _drop_guard_modules(gm: fx.GraphModule) -> None:

@@ -18,7 +18,8 @@ from torch import fx
 
 from .. import primitives as P
 from ..ir import (ActivationParams, META_MODULE_PATH, META_ROLE, META_WEIGHT, QuantLayer, QuantParams,
-                  ROLE_ACTIVATION_QDQ, ROLE_WEIGHT_DEQUANT, drop_unread_tensors, fetch_attr, module_device)
+                  ROLE_ACTIVATION_QDQ, ROLE_WEIGHT_DEQUANT, drop_unread_tensors, fetch_attr, module_device,
+                  reroute_readers)
 from ..ops import DEQUANTIZE_WEIGHT, QUANTIZE_DEQUANTIZE
 
 
@@ -80,11 +81,9 @@ def _insert_activation_qdq(gm: fx.GraphModule, by_name: dict[str, fx.Node],
         scale = _register(gm, "", f"{name}_act_scale", params.scale.float().to(device), first_compute, "")
         zero_point = _register(gm, "", f"{name}_act_zero_point", params.zero_point.to(device), first_compute, "")
         qmin, qmax = params.qrange
-        anchor = first_compute if value.op == "placeholder" else value.next
-        with gm.graph.inserting_before(anchor):
-            qdq = gm.graph.call_function(QUANTIZE_DEQUANTIZE, (value, scale, zero_point, qmin, qmax))
+        qdq = reroute_readers(gm.graph, value, lambda v: gm.graph.call_function(
+            QUANTIZE_DEQUANTIZE, (v, scale, zero_point, qmin, qmax)))
         qdq.meta.update({META_MODULE_PATH: value.meta.get(META_MODULE_PATH, ""), META_ROLE: ROLE_ACTIVATION_QDQ})
-        value.replace_all_uses_with(qdq, delete_user_cb=lambda user: user is not qdq)
 
 
 def folded_params(gm: fx.GraphModule) -> dict[str, QuantParams]:

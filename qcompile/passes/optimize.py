@@ -20,6 +20,7 @@ from .. import rounding
 from ..config import QuantConfig
 from ..errors import QCompileError
 from ..ir import ActivationParams, Block, Partition, QuantParams
+from ..rounding.registry import BlockProblem, BlockSolution
 from .calibrate import CalibrationStream, observe_activations
 from .fold import fold
 
@@ -59,11 +60,15 @@ def optimize(gm: fx.GraphModule, partition: Partition, batches: list[list[Any]],
         for layer in block.layers:
             if layer.quantized and layer.weight not in result.weight_params:
                 specs.setdefault(layer.weight, layer.spec)
-        inputs = [stream.inputs(block, batch, quantized=True) for batch in range(len(stream))]
+        problem = BlockProblem(
+            block, inputs=[stream.inputs(block, batch, quantized=True) for batch in range(len(stream))],
+            float_inputs=[stream.inputs(block, batch, quantized=False) for batch in range(len(stream))],
+            targets=targets, specs=specs, activations=activations, config=config)
         torch.manual_seed(config.seed + block.index)
-        params = optimizer(block, inputs, targets, specs, config)
-        _check_params(config.method, block, specs, params)
-        result.weight_params.update(params)
+        solution = optimizer(problem)
+        _check_solution(config.method, block, specs, activations, solution)
+        activations = {**activations, **solution.activations}
+        result.weight_params.update(solution.weights)
         result.activation_params.update(activations)
         fold(block.graph_module, block.layers, result.weight_params, activations)
         quantized = stream.run(block.graph_module, block, quantized_inputs=True)
@@ -74,12 +79,16 @@ def optimize(gm: fx.GraphModule, partition: Partition, batches: list[list[Any]],
     return result
 
 
-def _check_params(method: str, block: Block, specs: dict, params: dict[str, QuantParams]) -> None:
-    missing = set(specs) - set(params)
+def _check_solution(method: str, block: Block, specs: dict, activations: dict, solution: BlockSolution) -> None:
+    missing = set(specs) - set(solution.weights)
     if missing:
         raise QCompileError(f"rounding method {method!r} returned no parameters for {sorted(missing)} in block "
                             f"{block.name!r}")
-    for name, value in params.items():
+    unknown = set(solution.activations) - set(activations)
+    if unknown:
+        raise QCompileError(f"rounding method {method!r} returned activation params for values the block does not "
+                            f"quantize: {sorted(unknown)} in block {block.name!r}")
+    for name, value in solution.weights.items():
         value.validate(name)
 
 

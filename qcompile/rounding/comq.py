@@ -23,10 +23,9 @@ from typing import Any, Mapping
 import torch
 
 from .. import primitives as P
-from ..config import QuantConfig, QuantSpec
-from ..ir import Block, QuantParams
+from ..config import QuantSpec
 from .layerwise import Solution, layer_objective, layerwise_params
-from .registry import check_options, register
+from .registry import BlockProblem, BlockSolution, check_options, register
 
 DEFAULTS = {"sweeps": 3, "greedy": True, "update_scales": True, "damp": 0.01}
 
@@ -96,8 +95,7 @@ def _update_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
 
 
 @register("comq")
-def optimize_block(block: Block, inputs: list[tuple], targets: list[tuple], specs: Mapping[str, QuantSpec],
-                   config: QuantConfig) -> dict[str, QuantParams]:
+def optimize_block(problem: BlockProblem) -> BlockSolution:
     """COMQ for every layer of the block, stage by stage (see ``layerwise``)."""
-    options = check_options("comq", config.method_options, DEFAULTS)
-    return layerwise_params(block, inputs, specs, comq_solve, options)
+    options = check_options("comq", problem.config.method_options, DEFAULTS)
+    return BlockSolution(layerwise_params(problem.block, problem.inputs, problem.specs, comq_solve, options))

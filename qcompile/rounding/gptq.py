@@ -20,10 +20,9 @@ from typing import Any, Mapping
 import torch
 
 from .. import primitives as P
-from ..config import QuantConfig, QuantSpec
-from ..ir import Block, QuantParams
+from ..config import QuantSpec
 from .layerwise import Solution, layer_objective, layerwise_params
-from .registry import check_options, register
+from .registry import BlockProblem, BlockSolution, check_options, register
 
 DEFAULTS = {"damp": 0.01, "act_order": True, "block_size": 128, "max_damp_retries": 6}
 
@@ -91,8 +90,7 @@ def gptq_solve(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, option
 
 
 @register("gptq")
-def optimize_block(block: Block, inputs: list[tuple], targets: list[tuple], specs: Mapping[str, QuantSpec],
-                   config: QuantConfig) -> dict[str, QuantParams]:
+def optimize_block(problem: BlockProblem) -> BlockSolution:
     """GPTQ for every layer of the block, stage by stage (see ``layerwise``)."""
-    options = check_options("gptq", config.method_options, DEFAULTS)
-    return layerwise_params(block, inputs, specs, gptq_solve, options)
+    options = check_options("gptq", problem.config.method_options, DEFAULTS)
+    return BlockSolution(layerwise_params(problem.block, problem.inputs, problem.specs, gptq_solve, options))

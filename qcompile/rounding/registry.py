@@ -1,31 +1,56 @@
 """The one interface of rounding optimizers and their registry.
 
-A rounding optimizer is a function
-
-    optimize_block(block, inputs, targets, specs, config) -> dict[weight target, QuantParams]
-
-block:   the ``ir.Block`` (its ``graph_module`` runs it; ``block.weight(target)`` is a float weight);
-inputs:  per calibration batch, the block's input values from the already-quantized model;
-targets: per calibration batch, the float model's block outputs (``block.outputs`` order;
-         ``block.main_output`` names the one value crossing a block cut);
-specs:   weight target -> QuantSpec of the weights this call must quantize;
-config:  the QuantConfig (``config.method_options`` holds the method's options).
-
-Layer-wise methods collect per-layer inputs inside the block with hooks; block-wise methods run the
-block with soft-quantized weights and back-propagate the block output loss.
+A rounding optimizer is a function ``optimize_block(problem: BlockProblem) -> BlockSolution``: it
+gets one block, its calibration data and the specs of the weights to quantize, and returns their
+QuantParams (and, for methods that learn them, new activation params). Layer-wise methods collect
+per-layer inputs inside the block; block-wise methods run the block with trainable fake quantizers
+(``passes.fake_quant``) and back-propagate the block output loss.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from ..config import QuantConfig, QuantSpec
 from ..errors import ConfigError
-from ..ir import Block, QuantParams
+from ..ir import ActivationParams, Block, QuantParams
+
+
+@dataclass
+class BlockProblem:
+    """What a rounding optimizer solves for one block.
+
+    block:         the ``ir.Block`` (``block.graph_module`` runs it; ``block.weight(target)`` is a float weight);
+    inputs:        per calibration batch, the block's input values from the already-quantized model;
+    float_inputs:  the same values from the float model (QDrop mixes the two);
+    targets:       per calibration batch, the float model's block outputs (``block.outputs`` order);
+    specs:         weight target -> QuantSpec of the weights to quantize;
+    activations:   value name -> observed ActivationParams of the values the block quantizes (empty
+                   for weight-only configs);
+    config:        the QuantConfig (``config.method_options`` holds the method's options).
+    Batches are on the storage device (CPU when the model runs on an accelerator).
+    """
+
+    block: Block
+    inputs: list[tuple[Any, ...]]
+    float_inputs: list[tuple[Any, ...]]
+    targets: list[tuple[Any, ...]]
+    specs: Mapping[str, QuantSpec]
+    activations: Mapping[str, ActivationParams]
+    config: QuantConfig
+
+
+@dataclass
+class BlockSolution:
+    """weights: weight target -> QuantParams for every spec of the problem; activations: learned
+    ActivationParams replacing observed ones (only the values a method changed)."""
+
+    weights: dict[str, QuantParams]
+    activations: dict[str, ActivationParams] = field(default_factory=dict)
 
 
 class RoundingOptimizer(Protocol):
-    def __call__(self, block: Block, inputs: list[tuple[Any, ...]], targets: list[tuple[Any, ...]],
-                 specs: Mapping[str, QuantSpec], config: QuantConfig) -> dict[str, QuantParams]: ...
+    def __call__(self, problem: BlockProblem) -> BlockSolution: ...
 
 
 _REGISTRY: dict[str, RoundingOptimizer] = {}

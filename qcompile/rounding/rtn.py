@@ -5,14 +5,12 @@ range that minimises the weight's rounding error (the grid search of GPTQ's refe
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import torch
 
 from .. import primitives as P
-from ..config import QuantConfig, QuantSpec
-from ..ir import Block, QuantLayer, QuantParams
-from .registry import check_options, register
+from ..config import QuantSpec
+from ..ir import QuantLayer, QuantParams
+from .registry import BlockProblem, BlockSolution, check_options, register
 
 
 def round_to_nearest(weight: torch.Tensor, layer: QuantLayer, spec: QuantSpec) -> QuantParams:
@@ -27,9 +25,9 @@ def round_to_nearest(weight: torch.Tensor, layer: QuantLayer, spec: QuantSpec) -
 
 
 @register("rtn")
-def optimize_block(block: Block, inputs: list[tuple[Any, ...]], targets: list[tuple[Any, ...]],
-                   specs: Mapping[str, QuantSpec], config: QuantConfig) -> dict[str, QuantParams]:
+def optimize_block(problem: BlockProblem) -> BlockSolution:
     """Round every weight to nearest; calibration data is not used."""
-    check_options("rtn", config.method_options, {})
-    return {target: round_to_nearest(block.weight(target), block.layer_of(target), spec)
-            for target, spec in specs.items()}
+    check_options("rtn", problem.config.method_options, {})
+    block = problem.block
+    return BlockSolution({target: round_to_nearest(block.weight(target), block.layer_of(target), spec)
+                          for target, spec in problem.specs.items()})
