@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -95,3 +97,39 @@ def test_batch_norm_folds_into_conv_without_touching_the_model():
     assert not any("running_mean" in name for name, _ in gm.named_buffers())
     torch.testing.assert_close(gm(batch), model(batch), rtol=1e-4, atol=1e-4)
     assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+
+
+class InPlace(torch.nn.Module):
+    """In-place ops on an input, on a value other nodes read later, and through nn.ReLU(inplace=True)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.act = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = torch.nn.functional.hardswish(x, inplace=True)
+        y = self.conv(x)
+        z = y * 2
+        y.add_(1.0)
+        return self.act(y) + z + y
+
+
+@pytest.mark.parametrize("tracer", ["torch.export", "torch.fx"])
+def test_in_place_ops_become_out_of_place(tracer, monkeypatch):
+    if tracer == "torch.fx":
+        monkeypatch.setattr(torch.export, "export", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("off")))
+    torch.manual_seed(0)
+    model = InPlace().eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x.clone())
+    with pytest.warns(UserWarning) if tracer == "torch.fx" else contextlib.nullcontext():
+        gm = capture(model, (x.clone(),), {})
+    assert gm.meta[GM_CAPTURED_BY] == tracer
+    mutating = [n for n in gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+    assert not mutating
+    stored = x.clone()
+    first, second = gm(stored), gm(stored)
+    assert torch.equal(stored, x)  # the graph no longer writes into its input
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
