@@ -42,6 +42,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule
                           f"({_first_line(export_error)}); using torch.fx symbolic tracing", stacklevel=3)
     _annotate_module_paths(gm)
     _functionalize_inplace(gm)
+    _drop_metadata_asserts(gm)
     _fold_batch_norms(gm)
     drop_unread_tensors(gm)  # dead BatchNorm statistics, counters
     gm.recompile()
@@ -158,6 +159,16 @@ def _functionalize_inplace(gm: fx.GraphModule) -> None:
         if isinstance(mutated, fx.Node):
             mutated.replace_all_uses_with(
                 node, delete_user_cb=lambda user: user is not node and order.get(user, -1) > order[node])
+    gm.recompile()
+
+
+def _drop_metadata_asserts(gm: fx.GraphModule) -> None:
+    """Erase export's ``aten._assert_tensor_metadata`` checks: they pin every cast's input dtype to the
+    one seen at capture, which autocast or a model cast later would break; ``flatten_inputs`` checks
+    the graph's inputs instead."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
     gm.recompile()
 
 

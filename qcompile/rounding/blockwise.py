@@ -22,8 +22,9 @@ arXiv 2308.07662) compares; each method is a set of defaults for them:
   quantized activation from the float model (0: off);
 - ``keep_best``: keep the variables of the step with the lowest loss (SignRound; only meaningful when
   the training forward is the hard-rounded one, so "offset" rounding);
-- ``amp``: bf16 autocast on accelerators ("auto": on CUDA only); ``compile``: torch.compile the
-  trainable block.
+- ``amp``: run the block under bf16 autocast (off by default: autocast also lowers the precision of
+  the arithmetic a block may hold besides its layers, such as rotary angles; a bf16 model trains in
+  bf16 without it, the quantizer math staying float32); ``compile``: torch.compile the trainable block.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from .registry import BlockProblem, BlockSolution, RoundingOptimizer, check_opti
 RECIPE_DEFAULTS: dict[str, Any] = {
     "loss": "block", "rounding": "offset", "learn": "rounding", "optimizer": "adam", "lr": 1e-3,
     "scale_lr": None, "act_lr": 4e-5, "schedule": "constant", "iters": 500, "reg_weight": 0.01,
-    "beta": (20.0, 2.0), "warmup": 0.2, "qdrop": 0.0, "clip_floor": 0.5, "keep_best": False, "amp": "auto",
+    "beta": (20.0, 2.0), "warmup": 0.2, "qdrop": 0.0, "clip_floor": 0.5, "keep_best": False, "amp": False,
     "compile": False,
 }
 CHOICES = {"loss": ("block", "layer"), "rounding": ROUNDINGS, "learn": LEARNABLES,
@@ -99,7 +100,7 @@ def reconstruct(problem: BlockProblem, options: Mapping[str, Any]) -> BlockSolut
     reference = insert_fake_quant(block.graph_module, {}, {}, extra_outputs=[layer.node for layer in layers])
     run = torch.compile(trainable) if options["compile"] else trainable
     optimizer, scheduler = _optimizer(weights, activations, options)
-    amp = device.type == "cuda" if options["amp"] == "auto" else bool(options["amp"])
+    amp = bool(options["amp"])
     outputs = len(block.outputs)
     best_loss, best_state = float("inf"), None
     order = _batch_order(len(problem.inputs), iters)

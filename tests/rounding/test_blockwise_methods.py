@@ -211,6 +211,6 @@ def test_runs_on_cuda_with_bf16_autocast(method):
     model = factory().cuda()
     batches = [{k: v.cuda() for k, v in b.items()} for b in calib()]
     rtn = qcompile.compile(model, batches, QuantConfig(weight=QuantSpec(bits=3, symmetric=False)), progress=False)
-    learned = qcompile.compile(model, batches, config(method, 3), progress=False)
+    learned = qcompile.compile(model, batches, config(method, 3, amp=True), progress=False)
     assert all(t.device.type == "cuda" for t in learned.graph_module.buffers())
     assert output_error(model, learned, batches) < output_error(model, rtn, batches)
