@@ -1,9 +1,11 @@
 """Every rounding method side by side on the real models, the gradient-PTQ knob ablation, and the
 large-model timing.
 
-    python -m benchmarks.rounding [--quick]            # methods x schemes table -> results/rounding.json
-    python -m benchmarks.rounding --ablation            # seed-000 knobs        -> results/rounding_ablation.json
-    python -m benchmarks.rounding --large [--layers N]  # 1.1B decoder, GPU     -> results/rounding_large.json
+    python -m benchmarks.rounding [--quick] [--models digitnet,shakespeare] [--device cpu|cuda]
+                                                     # methods x schemes -> results/rounding[_<models>].json
+    python -m benchmarks.rounding --ablation [...]   # seed-000 knobs    -> results/rounding_ablation[_<models>].json
+    python -m benchmarks.rounding --large [--layers 22] [--method signround] [--options JSON]
+                                                     # 1.1B decoder, GPU -> results/rounding_large_<method>.json
 
 Models (trained here on real data): DigitNet on MNIST (``zoo/mnist.py``; test accuracy on 1,000 held-out
 digits; calibration 256 training digits in batches of 32) and the Shakespeare Llama (``zoo/shakespeare.py``;
@@ -38,28 +40,31 @@ def schemes(group: int, per_channel: tuple[str, ...]) -> dict[str, QuantConfig]:
             f"W2G{group}": QuantConfig(weight=spec(2, group), overrides={name: spec(2) for name in per_channel})}
 
 
-def digitnet(quick: bool):
+def digitnet(quick: bool, device: torch.device):
     from .zoo.mnist import load_or_train
     model, (train, test) = load_or_train()
-    calib = list(train[0][:128 if quick else 256].split(32))
+    model = model.to(device)
+    calib = [x.to(device) for x in train[0][:128 if quick else 256].split(32)]
+    images, labels = test[0].to(device), test[1].to(device)
 
     def accuracy(m):
         with torch.no_grad():
-            return float((m(test[0]).argmax(1) == test[1]).float().mean())
+            return float((m(images).argmax(1) == labels).float().mean())
     return model, calib, accuracy, "accuracy", schemes(32, ("stem.0",))
 
 
-def shakespeare(quick: bool):
+def shakespeare(quick: bool, device: torch.device):
     from .zoo import shakespeare as lm
     model, _, held_out, train = lm.load()
+    model = model.to(device)
     generator = torch.Generator().manual_seed(0)
     picked = train[torch.randperm(len(train), generator=generator)[:64 if quick else 128]]
-    calib = [{"input_ids": ids} for ids in picked.split(8)]
+    calib = [{"input_ids": ids.to(device)} for ids in picked.split(8)]
     evaluation = held_out[:64 if quick else 256]
     return model, calib, lambda m: lm.perplexity(m, evaluation), "perplexity", schemes(128, ())
 
 
-MODELS = {"DigitNet (MNIST)": digitnet, "Shakespeare Llama": shakespeare}
+MODELS = {"digitnet": ("DigitNet (MNIST)", digitnet), "shakespeare": ("Shakespeare Llama", shakespeare)}
 
 
 class PeakMemory:
@@ -120,10 +125,11 @@ def measure(model_name, model, calib, metric, metric_name, scheme, config) -> di
     return row
 
 
-def run_table(quick: bool) -> list[dict]:
+def run_table(models: list[str], quick: bool, device: torch.device) -> list[dict]:
     rows = []
-    for model_name, build in MODELS.items():
-        model, calib, metric, metric_name, configs = build(quick)
+    for key in models:
+        model_name, build = MODELS[key]
+        model, calib, metric, metric_name, configs = build(quick, device)
         rows.append({"model": model_name, "scheme": "float", "method": "-", "metric_name": metric_name,
                      "metric": metric(model)})
         print_row(rows[-1])
@@ -156,10 +162,11 @@ ABLATION = {
 }
 
 
-def run_ablation(quick: bool) -> list[dict]:
+def run_ablation(models: list[str], quick: bool, device: torch.device) -> list[dict]:
     rows = []
-    for model_name, build in MODELS.items():
-        model, calib, metric, metric_name, configs = build(quick)
+    for key in models:
+        model_name, build = MODELS[key]
+        model, calib, metric, metric_name, configs = build(quick, device)
         scheme = "W3"
         for label, knobs in ABLATION.items():
             config = dataclasses.replace(configs[scheme], method="brecq", method_options=knobs)
@@ -223,18 +230,25 @@ def main() -> None:
     parser.add_argument("--options", type=json.loads, default={}, help='method options as JSON, e.g. {"iters": 200}')
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--device", default="cuda", help="--large: where the model lives and blocks train")
+    parser.add_argument("--device", default="cpu", help="where the model lives and blocks train (--large: cuda)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {sorted(MODELS)}")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.large:
-        rows = run_large(args.layers, args.method, args.options, args.samples, args.seq_len, args.device)
+        rows = run_large(args.layers, args.method, args.options, args.samples, args.seq_len,
+                         "cuda" if args.device == "cpu" else args.device)
         write_results(args.json or f"benchmarks/results/rounding_large_{args.method}.json", rows)
         return
     print(f"{'model':<18} {'scheme':<7} {'method':<10} {'metric':>9} {'block err':>10} {'seconds':>8} {'peak MiB':>8}")
+    device, models = torch.device(args.device), args.models.split(",")
+    suffix = "" if args.models == ",".join(MODELS) else "_" + "_".join(models)
+    meta = {"quick": args.quick, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if args.ablation:
-        write_results(args.json or "benchmarks/results/rounding_ablation.json", run_ablation(args.quick), quick=args.quick)
+        write_results(args.json or f"benchmarks/results/rounding_ablation{suffix}.json",
+                      run_ablation(models, args.quick, device), **meta)
     else:
-        write_results(args.json or "benchmarks/results/rounding.json", run_table(args.quick), quick=args.quick)
+        write_results(args.json or f"benchmarks/results/rounding{suffix}.json", run_table(models, args.quick, device),
+                      **meta)
 
 
 if __name__ == "__main__":
