@@ -125,7 +125,7 @@ def measure(model_name, model, calib, metric, metric_name, scheme, config) -> di
     return row
 
 
-def run_table(models: list[str], quick: bool, device: torch.device) -> list[dict]:
+def run_table(models: list[str], quick: bool, device: torch.device, only: str | None) -> list[dict]:
     rows = []
     for key in models:
         model_name, build = MODELS[key]
@@ -135,6 +135,8 @@ def run_table(models: list[str], quick: bool, device: torch.device) -> list[dict
         print_row(rows[-1])
         for scheme, base in configs.items():
             for method in METHODS:
+                if only is not None and f"{scheme}:{method}" not in only.split(","):
+                    continue
                 rows.append(measure(model_name, model, calib, metric, metric_name, scheme,
                                     dataclasses.replace(base, method=method)))
     return rows
@@ -162,16 +164,20 @@ ABLATION = {
 }
 
 
-def run_ablation(models: list[str], quick: bool, device: torch.device) -> list[dict]:
+def run_ablation(models: list[str], quick: bool, device: torch.device, only: str | None) -> list[dict]:
     rows = []
     for key in models:
         model_name, build = MODELS[key]
         model, calib, metric, metric_name, configs = build(quick, device)
         scheme = "W3"
-        for label, knobs in ABLATION.items():
+        for index, (label, knobs) in enumerate(ABLATION.items()):
+            if only is not None and str(index) not in only.split(","):
+                continue
             config = dataclasses.replace(configs[scheme], method="brecq", method_options=knobs)
             rows.append({**measure(model_name, model, calib, metric, metric_name, scheme, config), "recipe": label})
         for batch in (4, 16):  # calibration batch size (one step = one batch): same samples, re-batched
+            if only is not None and f"batch{batch}" not in only.split(","):
+                continue
             flat = _rebatch(calib, batch)
             config = dataclasses.replace(configs[scheme], method="brecq")
             rows.append({**measure(model_name, model, flat, metric, metric_name, scheme, config),
@@ -232,6 +238,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--device", default="cpu", help="where the model lives and blocks train (--large: cuda)")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {sorted(MODELS)}")
+    parser.add_argument("--only", help="a subset, comma-separated: scheme:method rows of the table (W3:gptq), "
+                        "recipe indices and batch4/batch16 of the ablation")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.large:
@@ -245,10 +253,10 @@ def main() -> None:
     meta = {"quick": args.quick, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     if args.ablation:
         write_results(args.json or f"benchmarks/results/rounding_ablation{suffix}.json",
-                      run_ablation(models, args.quick, device), **meta)
+                      run_ablation(models, args.quick, device, args.only), **meta)
     else:
-        write_results(args.json or f"benchmarks/results/rounding{suffix}.json", run_table(models, args.quick, device),
-                      **meta)
+        write_results(args.json or f"benchmarks/results/rounding{suffix}.json",
+                      run_table(models, args.quick, device, args.only), **meta)
 
 
 if __name__ == "__main__":
