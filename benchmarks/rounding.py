@@ -12,14 +12,13 @@ digits; calibration 256 training digits in batches of 32) and the Shakespeare Ll
 perplexity on 256 held-out windows of 128 tokens; calibration 128 training windows in batches of 8).
 Schemes: W4 and W3 per channel, W2 with groups (32 for DigitNet, whose stem keeps per channel: its 9
 inputs; 128 for the LM), asymmetric. Columns: metric, mean block output error (report), quantization
-wall time, peak memory added during quantization (RSS on CPU, allocated on CUDA).
+wall time, peak CUDA memory allocated during quantization (GPU runs only).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import threading
 import time
 import warnings
 
@@ -68,38 +67,21 @@ MODELS = {"digitnet": ("DigitNet (MNIST)", digitnet), "shakespeare": ("Shakespea
 
 
 class PeakMemory:
-    """Peak memory added while the ``with`` body runs: CUDA allocated bytes on a GPU, else the process
-    RSS sampled every 5 ms."""
+    """Peak CUDA memory allocated while the ``with`` body runs, above what was allocated before; None
+    on CPU (the process RSS does not shrink when tensors are freed, so it cannot say this per run)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.peak, self._running = device, 0, False
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * 4096
-
-    def _sample(self):
-        while self._running:
-            self.peak = max(self.peak, self._rss() - self.start)
-            time.sleep(0.005)
+        self.device, self.peak = device, None
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            self.start, self._running = self._rss(), True
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
-        else:
-            self._running = False
-            self._thread.join()
         return False
 
 
@@ -120,7 +102,7 @@ def measure(model_name, model, calib, metric, metric_name, scheme, config) -> di
     row = {"model": model_name, "scheme": scheme, "method": config.method, "options": dict(config.method_options),
            "metric_name": metric_name, "metric": metric(quantized),
            "block_error": sum(b.output_error for b in report.blocks) / len(report.blocks),
-           "seconds": seconds, "peak_mib": peak / 2 ** 20}
+           "seconds": seconds, "peak_mib": None if peak is None else peak / 2 ** 20}
     print_row(row)
     return row
 
@@ -223,7 +205,11 @@ def print_row(row: dict) -> None:
         return
     options = " ".join(f"{k}={v}" for k, v in row["options"].items())
     print(f"{row['model']:<18} {row['scheme']:<7} {row['method']:<10} {row['metric']:>9.4f} "
-          f"{row['block_error']:>10.2e} {row['seconds']:>8.1f} {row['peak_mib']:>8.0f}  {options}", flush=True)
+          f"{row['block_error']:>10.2e} {row['seconds']:>8.1f} {_mib(row['peak_mib']):>8}  {options}", flush=True)
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def main() -> None:
