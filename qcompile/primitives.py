@@ -55,10 +55,16 @@ def scale_zero_point(w_min: torch.Tensor, w_max: torch.Tensor, bits: int, symmet
     return scale, zero_point
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
-             ) -> torch.Tensor:
-    """Integer-valued codes clamp(round(x / scale) + zero_point, qmin, qmax), in float32 (broadcasting)."""
-    return torch.clamp(torch.round(x.float() / scale) + zero_point, qmin, qmax)
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity gradient backward (the straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+             rounding=torch.round) -> torch.Tensor:
+    """Integer-valued codes clamp(round(x / scale) + zero_point, qmin, qmax), in float32 (broadcasting);
+    ``rounding=round_ste`` for a differentiable form."""
+    return torch.clamp(rounding(x.float() / scale) + zero_point, qmin, qmax)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:

@@ -34,11 +34,6 @@ ROUNDINGS = ("sigmoid", "offset")
 LEARNABLES = ("rounding", "scale", "clip")
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) forward, identity gradient backward."""
-    return x + (torch.round(x) - x).detach()
-
-
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
     """h(V) = clamp(sigmoid(V) (ζ - γ) + γ, 0, 1)."""
     return torch.clamp(torch.sigmoid(v) * (SIGMOID_HIGH - SIGMOID_LOW) + SIGMOID_LOW, 0.0, 1.0)
@@ -102,7 +97,7 @@ class WeightQuantizer(nn.Module):
             up = (self.rounding >= 0).float() if hard else rectified_sigmoid(self.rounding)
             codes = torch.floor(scaled).detach() + up
         else:
-            codes = torch.round(scaled + self.rounding) if hard else round_ste(scaled + self.rounding)
+            codes = torch.round(scaled + self.rounding) if hard else P.round_ste(scaled + self.rounding)
         return torch.clamp(codes + self._expanded(zero_point), qmin, qmax)
 
     def forward(self, hard: bool = False) -> torch.Tensor:
@@ -154,8 +149,8 @@ class ActivationQuantizer(nn.Module):
         if scale.requires_grad:
             gradient_scale = 1.0 / math.sqrt(max(x[0].numel(), 1) * max(qmax, 1))
             scale = scale * gradient_scale + (scale - scale * gradient_scale).detach()
-        codes = torch.clamp(round_ste(x.float() / scale) + self.zero_point, qmin, qmax)
-        quantized = ((codes - self.zero_point) * scale).to(x.dtype)
+        codes = P.quantize(x, scale, self.zero_point, qmin, qmax, rounding=P.round_ste)
+        quantized = P.dequantize(codes, scale, self.zero_point).to(x.dtype)
         if self.training and self.drop_prob > 0:
             quantized = torch.where(torch.rand_like(x, dtype=torch.float32) < self.drop_prob, x, quantized)
         return quantized

@@ -97,7 +97,8 @@ def reconstruct(problem: BlockProblem, options: Mapping[str, Any]) -> BlockSolut
     layers = [layer for layer in block.layers if layer.weight in problem.specs] if layer_loss else []
     trainable = insert_fake_quant(block.graph_module, weights, activations, detach_layers=layers,
                                   extra_outputs=[layer.node for layer in layers])
-    reference = insert_fake_quant(block.graph_module, {}, {}, extra_outputs=[layer.node for layer in layers])
+    reference = (insert_fake_quant(block.graph_module, {}, {}, extra_outputs=[layer.node for layer in layers])
+                 if layer_loss else None)
     run = torch.compile(trainable) if options["compile"] else trainable
     optimizer, scheduler = _optimizer(weights, activations, options)
     amp = bool(options["amp"])
