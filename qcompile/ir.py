@@ -148,6 +148,11 @@ class Block:
         return next(layer for layer in self.layers if layer.weight == weight)
 
 
+def values_to(values: Any, device: torch.device) -> tuple:
+    """A sequence of graph values with its tensors moved to ``device`` (other values as they are)."""
+    return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in values)
+
+
 def module_device(module: torch.nn.Module) -> torch.device:
     """The device of a module's first parameter (or buffer); CPU for a module without tensors."""
     tensor = next(iter(module.parameters()), None)

@@ -19,7 +19,7 @@ from torch import fx
 from .. import primitives as P
 from ..config import QuantSpec
 from ..errors import CalibrationError
-from ..ir import ActivationParams, Block, Partition
+from ..ir import ActivationParams, Block, Partition, values_to
 
 
 class CalibrationStream:
@@ -48,9 +48,6 @@ class CalibrationStream:
     def _stored(self, value: Any) -> Any:
         return value.detach().to(self.store) if isinstance(value, torch.Tensor) else value
 
-    def _loaded(self, value: Any) -> Any:
-        return value.to(self.device) if isinstance(value, torch.Tensor) else value
-
     def inputs(self, block: Block, batch: int, quantized: bool) -> tuple:
         """The block's input values for one batch (on the storage device: CPU for accelerator models)."""
         float_env, quant_env = self.float_env[batch], self.quant_env[batch]
@@ -59,7 +56,7 @@ class CalibrationStream:
 
     def to_device(self, values: tuple) -> tuple:
         """Values moved to the device the blocks run on."""
-        return tuple(self._loaded(value) for value in values)
+        return values_to(values, self.device)
 
     def run(self, module: torch.nn.Module, block: Block, quantized_inputs: bool) -> list[tuple]:
         """``module`` (the block, float or quantized) on every batch; outputs on the storage device."""

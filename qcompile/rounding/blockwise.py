@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import ConfigError
-from ..ir import module_device
+from ..ir import module_device, values_to
 from ..passes.fake_quant import insert_fake_quant
 from ..quantizers import LEARNABLES, ROUNDINGS, ActivationQuantizer, WeightQuantizer
 from .registry import BlockProblem, BlockSolution, RoundingOptimizer, check_options, register
@@ -95,10 +95,10 @@ def reconstruct(problem: BlockProblem, options: Mapping[str, Any]) -> BlockSolut
                    for name, params in problem.activations.items()}
     layer_loss = options["loss"] == "layer"
     layers = [layer for layer in block.layers if layer.weight in problem.specs] if layer_loss else []
+    layer_outputs = [layer.node for layer in layers]
     trainable = insert_fake_quant(block.graph_module, weights, activations, detach_layers=layers,
-                                  extra_outputs=[layer.node for layer in layers])
-    reference = (insert_fake_quant(block.graph_module, {}, {}, extra_outputs=[layer.node for layer in layers])
-                 if layer_loss else None)
+                                  extra_outputs=layer_outputs)
+    reference = insert_fake_quant(block.graph_module, {}, {}, extra_outputs=layer_outputs) if layer_loss else None
     run = torch.compile(trainable) if options["compile"] else trainable
     optimizer, scheduler = _optimizer(weights, activations, options)
     amp = bool(options["amp"])
@@ -110,14 +110,16 @@ def reconstruct(problem: BlockProblem, options: Mapping[str, Any]) -> BlockSolut
         inputs = _mixed_inputs(problem, batch, options["qdrop"], device)
         if layer_loss:
             with torch.no_grad():
-                targets = reference(*_to(problem.float_inputs[batch], device))[outputs:]
+                targets = reference(*values_to(problem.float_inputs[batch], device))[outputs:]
         else:
-            targets = _to(problem.targets[batch], device)
+            targets = values_to(problem.targets[batch], device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             produced = run(*inputs)
         loss = squared_error(produced[outputs:] if layer_loss else produced, targets)
-        if options["keep_best"] and loss.item() < best_loss:
-            best_loss, best_state = loss.item(), _snapshot(weights, activations)
+        if options["keep_best"]:
+            value = loss.item()
+            if value < best_loss:
+                best_loss, best_state = value, _snapshot(weights, activations)
         if options["rounding"] == "sigmoid":
             beta = _annealed_beta(step, iters, options["warmup"], options["beta"])
             if beta is not None:
@@ -184,23 +186,19 @@ def _batch_order(batches: int, iters: int) -> list[int]:
     return order[:iters]
 
 
-def _to(values: tuple, device: torch.device) -> tuple:
-    return tuple(v.to(device) if isinstance(v, torch.Tensor) else v for v in values)
-
-
 def _mixed_inputs(problem: BlockProblem, batch: int, drop: float, device: torch.device) -> tuple:
     """The quantized-model inputs of ``batch``; with QDrop, each element taken from the float model's
     inputs with probability ``drop``."""
     if drop <= 0:
-        return _to(problem.inputs[batch], device)
+        return values_to(problem.inputs[batch], device)
     mixed = []
     for value, float_value in zip(problem.inputs[batch], problem.float_inputs[batch]):
         if (isinstance(value, torch.Tensor) and value.is_floating_point() and value is not float_value
                 and isinstance(float_value, torch.Tensor) and float_value.shape == value.shape):
             value, float_value = value.to(device), float_value.to(device)
             value = torch.where(torch.rand_like(value, dtype=torch.float32) < drop, float_value, value)
-        mixed.append(value.to(device) if isinstance(value, torch.Tensor) else value)
-    return tuple(mixed)
+        mixed.append(value)
+    return values_to(mixed, device)
 
 
 def _snapshot(weights: dict, activations: dict) -> list[torch.Tensor]:

@@ -23,7 +23,7 @@ from torch import fx
 
 from .. import primitives as P
 from ..config import QuantSpec
-from ..ir import Block, QuantLayer, QuantParams, module_device
+from ..ir import Block, QuantLayer, QuantParams, module_device, values_to
 from .rtn import round_to_nearest
 
 
@@ -139,7 +139,7 @@ def layerwise_params(block: Block, inputs: list[tuple], specs: Mapping[str, Quan
         collector = _Collector(block.graph_module, overrides, stage)
         with torch.no_grad():
             for batch in inputs:
-                collector.run(*[v.to(device) if isinstance(v, torch.Tensor) else v for v in batch])
+                collector.run(*values_to(batch, device))
         for layer in stage:
             weight = block.weight(layer.weight)
             gram = collector.grams.get(layer.node)
