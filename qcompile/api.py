@@ -55,6 +55,15 @@ class QuantizedModel(torch.nn.Module):
         from .passes.lower_onnx import export_onnx
         return export_onnx(self.graph_module, self.example_inputs, path, opset)
 
+    def to_torch(self, packed: bool = True) -> fx.GraphModule:
+        """A PyTorch GraphModule with the model's call signature, for the device the model is on.
+        packed=True: linears (and addmm/mm/matmul with a quantized weight) run integer kernels on the packed
+        codes, other quantized ops dequantize their weight per call (passes/lower_torch.py); the module
+        holds only packed weights. packed=False: every quantized weight as a float buffer, dequantized once
+        (the numerical reference). Both work under ``torch.compile`` and ``torch.export``."""
+        from .passes.lower_torch import lower_dequantized, lower_packed
+        return lower_packed(self.graph_module) if packed else lower_dequantized(self.graph_module)
+
     def save(self, path: str) -> None:
         """Write ``path``/graph.json and ``path``/tensors.safetensors (no pickle); read with ``qcompile.load``."""
         from .format import save

@@ -186,6 +186,15 @@ def reroute_readers(graph: fx.Graph, value: fx.Node, make: Callable[[fx.Node], f
     return node
 
 
+def copy_graph_module(gm: fx.GraphModule, class_name: str) -> fx.GraphModule:
+    """A GraphModule with a copy of ``gm``'s graph and its own module tree that shares ``gm``'s tensors:
+    passes may add, rewrite and drop nodes and buffers on the copy without touching ``gm``."""
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph, class_name)
+
+
 def fetch_attr(module: torch.nn.Module, target: str) -> Any:
     """The attribute behind a get_attr target such as "layers.0.mlp.weight"."""
     owner, _, attr = target.rpartition(".")

@@ -9,14 +9,20 @@ torch.export, run under torch.compile and have one definition that lowerings tra
   semantics on unpacked codes (used by the ONNX lowering's view of a folded graph).
 - ``qcompile::gather_block_quantized(codes, indices, scale, zero_point, block_size)``: an embedding
   lookup that dequantizes only the gathered rows (onnxruntime's GatherBlockQuantized).
+- ``qcompile::packed_linear(x, packed_codes, scale, zero_offset, bits, group_size, bias)``: x @ W^T + b
+  straight from the packed codes (the packed PyTorch lowering; the fused CPU kernel, see kernels/).
+- ``qcompile::int4pack_linear(x, packed_weight, scales_and_zeros, group_size, bias)``: the same on CUDA
+  through torch's tinygemm kernel (``aten._weight_int4pack_mm``), in its own weight layout.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from . import primitives as P
+from .kernels import cpu_ops
 
 
 @torch.library.custom_op("qcompile::dequantize_weight", mutates_args=())
@@ -46,6 +52,22 @@ def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
 @quantize_dequantize.register_fake
 def _(x, scale, zero_point, qmin, qmax):
     return torch.empty_like(x)
+
+
+def _quantize_dequantize_setup_context(ctx, inputs, output):
+    x, scale, zero_point, qmin, qmax = inputs
+    codes = torch.round(x / scale) + zero_point
+    ctx.save_for_backward((codes >= qmin) & (codes <= qmax))
+
+
+def _quantize_dequantize_backward(ctx, grad):
+    """The straight-through estimator: the gradient passes where x is inside the quantization range."""
+    inside, = ctx.saved_tensors
+    return grad * inside, None, None, None, None
+
+
+torch.library.register_autograd("qcompile::quantize_dequantize", _quantize_dequantize_backward,
+                                setup_context=_quantize_dequantize_setup_context)
 
 
 @torch.library.custom_op("qcompile::dequantize_linear", mutates_args=())
@@ -84,7 +106,92 @@ def _(codes, indices, scale, zero_point, block_size):
     return scale.new_empty((*indices.shape, codes.shape[1]))
 
 
+@torch.library.custom_op("qcompile::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed_codes: torch.Tensor, scale: torch.Tensor, zero_offset: torch.Tensor,
+                  bits: int, group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype: x @ W^T (+ bias) where W [N, K] = (u - zero_offset) * scale,
+    u the unsigned codes that ``packed_codes`` (uint8 [N, ceil(K / per_byte)], ``primitives.pack_codes``)
+    holds; scale float32 / zero_offset uint8 [N | 1, K / group_size]. On CPU the fused kernel reads the
+    packed bytes once (kernels/packed_linear_cpu.cpp); elsewhere, or for group sizes the kernel does not
+    tile, the weight is dequantized for the call."""
+    width = P.container_bits(bits)
+    n_groups = scale.shape[1]
+    kernels = cpu_ops() if x.device.type == "cpu" else None
+    if kernels is not None and kernels.supports_groups(width, n_groups, group_size):
+        y = kernels.packed_linear(x, packed_codes, scale, zero_offset, width, group_size).to(x.dtype)
+    else:
+        y = torch.nn.functional.linear(x, _packed_linear_weight(packed_codes, scale, zero_offset, bits, x.shape[-1],
+                                                                x.dtype))
+    return y if bias is None else y + bias
+
+
+@packed_linear.register_fake
+def _(x, packed_codes, scale, zero_offset, bits, group_size, bias):
+    return x.new_empty((*x.shape[:-1], packed_codes.shape[0]))
+
+
+def _packed_linear_weight(packed_codes, scale, zero_offset, bits, cols, dtype):
+    """The [N, K] weight packed_linear computes with."""
+    return P.dequantize_weight(P.unpack_codes(packed_codes, bits, 0, cols), scale, zero_offset).to(dtype)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    ctx.inputs = inputs
+
+
+def _packed_linear_backward(ctx, grad):
+    x, packed_codes, scale, zero_offset, bits, _, bias = ctx.inputs
+    grad_x, grad_bias = _linear_input_grads(grad, _packed_linear_weight(packed_codes, scale, zero_offset, bits,
+                                                                        x.shape[-1], grad.dtype), bias)
+    return grad_x, None, None, None, None, None, grad_bias
+
+
+def _linear_input_grads(grad, weight, bias):
+    """(d x, d bias) of y = x @ weight^T + bias: the codes, scales and zero points get no gradient."""
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if bias is not None else None
+    return grad @ weight, grad_bias
+
+
+torch.library.register_autograd("qcompile::packed_linear", _packed_linear_backward,
+                                setup_context=_linear_setup_context)
+
+
+@torch.library.custom_op("qcompile::int4pack_linear", mutates_args=())
+def int4pack_linear(x: torch.Tensor, packed_weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [..., K] -> [..., N] in x's dtype, on CUDA: ``aten._weight_int4pack_mm`` (tinygemm) with the weight
+    in ``aten._convert_weight_to_int4pack`` layout and bfloat16 scales_and_zeros [K / group_size, N, 2]
+    (w = (u - 8) * scale + zero). Computes in bfloat16, as the kernel does."""
+    if x.device.type != "cuda":
+        raise RuntimeError(f"qcompile::int4pack_linear runs on CUDA, got an input on {x.device}: the module was "
+                           "lowered for CUDA; move the QuantizedModel to the target device, then call "
+                           "to_torch(packed=True)")
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int4pack_mm(rows, packed_weight, group_size, scales_and_zeros)
+    y = y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+@int4pack_linear.register_fake
+def _(x, packed_weight, scales_and_zeros, group_size, bias):
+    return x.new_empty((*x.shape[:-1], scales_and_zeros.shape[1]))
+
+
+def _int4pack_linear_backward(ctx, grad):
+    x, packed_weight, scales_and_zeros, group_size, bias = ctx.inputs
+    identity = torch.eye(x.shape[-1], dtype=torch.bfloat16, device=x.device)
+    weight_t = torch.ops.aten._weight_int4pack_mm(identity, packed_weight, group_size, scales_and_zeros)  # W^T [K, N]
+    grad_x, grad_bias = _linear_input_grads(grad, weight_t.t().to(grad.dtype), bias)
+    return grad_x, None, None, None, grad_bias
+
+
+torch.library.register_autograd("qcompile::int4pack_linear", _int4pack_linear_backward,
+                                setup_context=_linear_setup_context)
+
+
 DEQUANTIZE_WEIGHT = torch.ops.qcompile.dequantize_weight.default
 GATHER_BLOCK_QUANTIZED = torch.ops.qcompile.gather_block_quantized.default
 DEQUANTIZE_LINEAR = torch.ops.qcompile.dequantize_linear.default
 QUANTIZE_DEQUANTIZE = torch.ops.qcompile.quantize_dequantize.default
+PACKED_LINEAR = torch.ops.qcompile.packed_linear.default
+INT4PACK_LINEAR = torch.ops.qcompile.int4pack_linear.default

@@ -33,13 +33,12 @@ from torch import fx
 
 from .. import primitives as P
 from ..errors import UnsupportedOpError
-from ..ir import META_MODULE_PATH, META_WEIGHT, QuantParams, drop_unread_tensors, fetch_attr
+from ..ir import META_MODULE_PATH, META_WEIGHT, QuantParams, copy_graph_module, drop_unread_tensors, fetch_attr
 from ..ops import DEQUANTIZE_LINEAR, DEQUANTIZE_WEIGHT, GATHER_BLOCK_QUANTIZED, QUANTIZE_DEQUANTIZE
 from .capture import dynamic_shapes
 from .fold import folded_params
-from .partition import EMBEDDING_TARGETS
+from .partition import EMBEDDING_TARGETS, matmul_operands
 
-_LINEAR_TARGETS = {torch.ops.aten.linear.default, torch._C._nn.linear}
 def _gather_block_quantized_schema() -> onnx.defs.OpSchema:
     """onnxruntime's contrib op, described for onnxscript (onnx ships no schema for it)."""
     schema = onnx.defs.OpSchema
@@ -102,10 +101,7 @@ def export_onnx(gm: fx.GraphModule, example: tuple[tuple, dict], path: str | os.
 def onnx_view(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, bool]]:
     """A copy of the folded graph with ONNX-layout dequantization (sharing gm's other tensors), and the
     initializers to store as 4-bit: buffer name -> signed."""
-    graph = fx.Graph()
-    graph._codegen = gm.graph._codegen
-    graph.output(graph.graph_copy(gm.graph, {}))
-    view = fx.GraphModule(gm, graph, "OnnxView")
+    view = copy_graph_module(gm, "OnnxView")
     params = folded_params(view)
     narrow: dict[str, bool] = {}
     for node in [n for n in view.graph.nodes if n.op == "call_function" and n.target == DEQUANTIZE_WEIGHT]:
@@ -126,7 +122,7 @@ def _lower_dequantize(view: fx.GraphModule, node: fx.Node, params: QuantParams, 
     users = list(node.users)
     if _lower_embedding_lookup(view, node, params, users, narrow):
         return
-    rewritable = all(_matmul_operands(user, node) is not None for user in users)
+    rewritable = all(matmul_operands(user, node) is not None for user in users)
     matmul_layout = len(params.shape) == 2 and (params.axis == 1 or rewritable)
     codes, scale, zero_point = params.weight_codes, params.scale, params.zero_point
     rows, cols = codes.shape
@@ -159,7 +155,7 @@ def _lower_dequantize(view: fx.GraphModule, node: fx.Node, params: QuantParams, 
         new.meta[META_MODULE_PATH] = node.meta.get(META_MODULE_PATH, "")
     if matmul_layout and rewritable:
         for user in users:
-            x, bias = _matmul_operands(user, node)
+            x, bias = matmul_operands(user, node)
             with view.graph.inserting_before(user):
                 result = view.graph.call_function(torch.ops.aten.matmul.default, (x, value))
                 if bias is not None:
@@ -221,17 +217,6 @@ def _lower_embedding_lookup(view: fx.GraphModule, node: fx.Node, params: QuantPa
         view.graph.erase_node(user)
     view.graph.erase_node(node)
     return True
-
-
-def _matmul_operands(user: fx.Node, weight: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:
-    """(x, bias) when ``user`` computes x @ W (+ bias) with ``weight`` as W: linear(x, W, b) reading
-    W transposed, or addmm(b, x, W) with unit alpha/beta; None otherwise."""
-    if user.target in _LINEAR_TARGETS and len(user.args) >= 2 and user.args[1] is weight and not user.kwargs:
-        return user.args[0], (user.args[2] if len(user.args) > 2 else None)
-    if user.target == torch.ops.aten.addmm.default and user.args[2] is weight and user.args[1] is not weight \
-            and all(user.kwargs.get(k, 1) == 1 for k in ("alpha", "beta")):
-        return user.args[1], user.args[0]
-    return None
 
 
 def _narrow_to_int4(model: onnx.ModelProto, narrow: dict[str, bool]) -> None:

@@ -323,3 +323,17 @@ def _block_module(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[str], o
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(tuple(env[by_name[o]] for o in outputs))
     return fx.GraphModule(gm, graph, class_name=f"Block_{name.replace('.', '_').replace('+', '__')}"[:80])
+
+
+def matmul_operands(user: fx.Node, weight: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:
+    """(x, bias) when ``user`` computes x @ M^T (+ bias) with M the [rows, cols] matrix view of the 2-D
+    ``weight`` (``primitives.weight_matrix``): linear(x, W, b) (W = M, output axis 0), or addmm(b, x, W)
+    with unit alpha/beta, mm(x, W), matmul(x, W) (W = M^T, output axis 1); None for any other reader."""
+    if user.target in LINEAR_TARGETS and len(user.args) >= 2 and user.args[1] is weight and not user.kwargs:
+        return user.args[0], (user.args[2] if len(user.args) > 2 else None)
+    if user.target in ADDMM_TARGETS and len(user.args) == 3 and user.args[2] is weight and user.args[1] is not weight \
+            and all(user.kwargs.get(k, 1) == 1 for k in ("alpha", "beta")):
+        return user.args[1], user.args[0]
+    if user.target in MATMUL_TARGETS and len(user.args) == 2 and user.args[1] is weight and user.args[0] is not weight:
+        return user.args[0], None
+    return None
