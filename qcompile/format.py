@@ -33,7 +33,7 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
 from .errors import SerializationError
-from .ir import GM_CAPTURED_BY, GM_INPUT_NAMES, META_MODULE_PATH, META_ROLE, META_WEIGHT, fetch_attr
+from .ir import GM_CAPTURED_BY, GM_INPUT_NAMES, META_MODULE_PATH, META_ROLE, META_WEIGHT, ensure_submodule, fetch_attr
 
 FORMAT = "qcompile.quantized_model"
 FORMAT_VERSION = 1
@@ -284,11 +284,7 @@ def _decode_graph_module(document: dict, stored: dict[str, torch.Tensor]) -> fx.
     for target, entry in document["tensors"].items():
         tensor = stored[entry["key"]]
         owner_path, _, attr = target.rpartition(".")
-        owner = root
-        for part in owner_path.split(".") if owner_path else []:
-            if not hasattr(owner, part):
-                owner.add_module(part, torch.nn.Module())
-            owner = getattr(owner, part)
+        owner = ensure_submodule(root, owner_path)
         if entry["parameter"]:
             owner.register_parameter(attr, torch.nn.Parameter(tensor, requires_grad=entry["requires_grad"]))
         else:

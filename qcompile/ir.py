@@ -195,6 +195,16 @@ def copy_graph_module(gm: fx.GraphModule, class_name: str) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, class_name)
 
 
+def ensure_submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """The submodule at dotted ``path`` ("" is ``root``), creating empty modules along the way."""
+    owner = root
+    for part in path.split(".") if path else []:
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    return owner
+
+
 def fetch_attr(module: torch.nn.Module, target: str) -> Any:
     """The attribute behind a get_attr target such as "layers.0.mlp.weight"."""
     owner, _, attr = target.rpartition(".")

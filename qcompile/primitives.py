@@ -164,6 +164,11 @@ def container_bits(bits: int) -> int:
     return 2 if bits <= 2 else 4 if bits <= 4 else 8
 
 
+def unsigned_codes(codes: torch.Tensor, qmin: int) -> torch.Tensor:
+    """Codes (or zero points) in [qmin, qmin + 2^bits) stored unsigned, as uint8: ``codes - qmin``."""
+    return (codes.to(torch.int16) - qmin).to(torch.uint8)
+
+
 def pack_codes(codes: torch.Tensor, bits: int, qmin: int) -> torch.Tensor:
     """Pack [rows, cols] codes in [qmin, qmin + 2^bits) into uint8 [rows, ceil(cols / per_byte)].
 
@@ -172,7 +177,7 @@ def pack_codes(codes: torch.Tensor, bits: int, qmin: int) -> torch.Tensor:
     """
     width = container_bits(bits)
     per_byte = 8 // width
-    unsigned = (codes.to(torch.int16) - qmin).to(torch.uint8)
+    unsigned = unsigned_codes(codes, qmin)
     rows, cols = unsigned.shape
     pad = (-cols) % per_byte
     if pad:

@@ -128,7 +128,7 @@ struct Weights {
     const uint8_t* z = zero_offset + n * scale_row_stride + g;
     if (groups_per_chunk == 1) return {Lanes::broadcast(*s), Lanes::broadcast(-static_cast<float>(*z) * *s)};
     const Lanes scale_lanes = Lanes::gather_groups(s, group_of_lane, groups_per_chunk);
-    return {scale_lanes, Lanes::zero() + Lanes::broadcast(-1.f) * Lanes::gather_groups(z, group_of_lane, groups_per_chunk) * scale_lanes};
+    return {scale_lanes, Lanes::broadcast(-1.f) * Lanes::gather_groups(z, group_of_lane, groups_per_chunk) * scale_lanes};
   }
 
   // Moves (group, chunk within group) on by one chunk: no division in the inner loop.

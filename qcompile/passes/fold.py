@@ -44,8 +44,10 @@ def fold(gm: fx.GraphModule, layers: Iterable[QuantLayer], weight_params: Mappin
     return gm
 
 
-def _register(gm: fx.GraphModule, owner: str, name: str, tensor: torch.Tensor, before: fx.Node,
-              path: str) -> fx.Node:
+def register_tensor(gm: fx.GraphModule, owner: str, name: str, tensor: torch.Tensor, before: fx.Node,
+                    path: str) -> fx.Node:
+    """Register ``tensor`` as buffer ``name`` of submodule ``owner`` and read it with a get_attr node placed
+    before ``before``, tagged with module path ``path``."""
     gm.get_submodule(owner).register_buffer(name, tensor)
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(f"{owner}.{name}" if owner else name)
@@ -59,9 +61,9 @@ def _insert_dequantize(gm: fx.GraphModule, consumer: fx.Node, layer: QuantLayer,
     qmin, _ = params.qrange
     device = fetch_attr(gm, layer.weight).device
     packed = P.pack_codes(params.weight_codes, params.bits, qmin).to(device)
-    codes = _register(gm, owner, f"{attr}_codes", packed, consumer, layer.module_path)
-    scale = _register(gm, owner, f"{attr}_scale", params.scale.float().to(device), consumer, layer.module_path)
-    zero_point = _register(gm, owner, f"{attr}_zero_point", params.zero_point.to(device), consumer, layer.module_path)
+    codes = register_tensor(gm, owner, f"{attr}_codes", packed, consumer, layer.module_path)
+    scale = register_tensor(gm, owner, f"{attr}_scale", params.scale.float().to(device), consumer, layer.module_path)
+    zero_point = register_tensor(gm, owner, f"{attr}_zero_point", params.zero_point.to(device), consumer, layer.module_path)
     with gm.graph.inserting_before(consumer):
         node = gm.graph.call_function(DEQUANTIZE_WEIGHT, (codes, scale, zero_point, params.bits, qmin, params.axis,
                                                           list(params.shape), dtype))
@@ -78,8 +80,8 @@ def _insert_activation_qdq(gm: fx.GraphModule, by_name: dict[str, fx.Node],
         value = by_name.get(name)
         if value is None:
             continue
-        scale = _register(gm, "", f"{name}_act_scale", params.scale.float().to(device), first_compute, "")
-        zero_point = _register(gm, "", f"{name}_act_zero_point", params.zero_point.to(device), first_compute, "")
+        scale = register_tensor(gm, "", f"{name}_act_scale", params.scale.float().to(device), first_compute, "")
+        zero_point = register_tensor(gm, "", f"{name}_act_zero_point", params.zero_point.to(device), first_compute, "")
         qmin, qmax = params.qrange
         qdq = reroute_readers(gm.graph, value, lambda v: gm.graph.call_function(
             QUANTIZE_DEQUANTIZE, (v, scale, zero_point, qmin, qmax)))

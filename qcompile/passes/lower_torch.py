@@ -31,8 +31,10 @@ from torch import fx
 
 from .. import primitives as P
 from ..kernels import cpu_ops
-from ..ir import META_MODULE_PATH, META_WEIGHT, copy_graph_module, drop_unread_tensors, fetch_attr, module_device
+from ..ir import (META_MODULE_PATH, META_WEIGHT, copy_graph_module, drop_unread_tensors, ensure_submodule, fetch_attr,
+                  module_device)
 from ..ops import DEQUANTIZE_WEIGHT, INT4PACK_LINEAR, PACKED_LINEAR
+from .fold import register_tensor
 from .partition import matmul_operands
 
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
@@ -52,7 +54,7 @@ def lower_packed(gm: fx.GraphModule) -> fx.GraphModule:
         scale = fetch_attr(lowered, scale_node.target)
         group_size = cols // scale.shape[1]
         codes = fetch_attr(lowered, codes_node.target)
-        zero_offset = (fetch_attr(lowered, zero_point_node.target).to(torch.int16) - qmin).to(torch.uint8)
+        zero_offset = P.unsigned_codes(fetch_attr(lowered, zero_point_node.target), qmin)
         if codes.device.type == "cuda" and group_size == cols and cols % TINYGEMM_GROUP_SIZES[-1] == 0:
             group_size = TINYGEMM_GROUP_SIZES[-1]  # one scale per row = the same scale for every 256-group
         if codes.device.type == "cuda" and _tinygemm_fits(bits, group_size, rows, cols):
@@ -64,8 +66,7 @@ def lower_packed(gm: fx.GraphModule) -> fx.GraphModule:
             tensors = {"zero_offset": zero_offset}
             make = lambda x, bias, zero: (PACKED_LINEAR, (  # noqa: E731
                 x, codes_node, scale_node, zero, bits, group_size, bias))
-        with lowered.graph.inserting_before(node):
-            inputs = [_register(lowered, node, suffix, tensor) for suffix, tensor in tensors.items()]
+        inputs = [_register(lowered, node, suffix, tensor) for suffix, tensor in tensors.items()]
         for user, (x, bias) in zip(list(node.users), operands):
             target, args = make(x, bias, *inputs)
             with lowered.graph.inserting_before(user):
@@ -83,8 +84,7 @@ def lower_dequantized(gm: fx.GraphModule) -> fx.GraphModule:
     lowered = copy_graph_module(gm, "DequantizedModule")
     for node in _dequantize_nodes(lowered):
         args = [fetch_attr(lowered, a.target) if isinstance(a, fx.Node) else a for a in node.args]
-        with lowered.graph.inserting_before(node):
-            weight = _register(lowered, node, "dequantized", DEQUANTIZE_WEIGHT(*args))
+        weight = _register(lowered, node, "dequantized", DEQUANTIZE_WEIGHT(*args))
         node.replace_all_uses_with(weight)
         lowered.graph.erase_node(node)
     return _finish(lowered)
@@ -95,12 +95,10 @@ def _dequantize_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _register(gm: fx.GraphModule, node: fx.Node, suffix: str, tensor: torch.Tensor) -> fx.Node:
-    """Register ``tensor`` as ``<weight>_<suffix>`` beside the weight's packed codes; its get_attr node."""
+    """Register ``tensor`` as ``<weight>_<suffix>`` beside the weight's packed codes, read before ``node``."""
     owner, _, attr = node.meta[META_WEIGHT].rpartition(".")
-    (gm.get_submodule(owner) if owner else gm).register_buffer(f"{attr}_{suffix}", tensor.contiguous())
-    value = gm.graph.get_attr(f"{owner}.{attr}_{suffix}" if owner else f"{attr}_{suffix}")
-    value.meta[META_MODULE_PATH] = node.meta.get(META_MODULE_PATH, "")
-    return value
+    return register_tensor(gm, owner, f"{attr}_{suffix}", tensor.contiguous(), node,
+                           node.meta.get(META_MODULE_PATH, ""))
 
 
 def _finish(gm: fx.GraphModule) -> fx.GraphModule:
@@ -187,15 +185,8 @@ def _freeze_state(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphMod
             kept.append(position)
             continue
         owner_path, _, attr = path.rpartition(".")
-        owner = frozen
-        for part in owner_path.split(".") if owner_path else []:
-            if not hasattr(owner, part):
-                owner.add_module(part, torch.nn.Module())
-            owner = getattr(owner, part)
-        owner.register_buffer(attr, value.detach())
-        with frozen.graph.inserting_before(node):
-            attribute = frozen.graph.get_attr(path)
-        node.replace_all_uses_with(attribute)
+        ensure_submodule(frozen, owner_path)
+        node.replace_all_uses_with(register_tensor(frozen, owner_path, attr, value.detach(), node, owner_path))
         frozen.graph.erase_node(node)
     frozen.graph.lint()
     frozen.recompile()

@@ -21,7 +21,7 @@ def _packed_weight(rows, cols, bits, group_size, symmetric, seed=0):
     scale, zero_point = P.weight_scale_zero_point(weight, bits, symmetric, group_size)
     codes = P.quantize_weight(weight, scale, zero_point, bits, symmetric)
     qmin, _ = P.quant_range(bits, symmetric)
-    zero_offset = (zero_point.to(torch.int16) - qmin).to(torch.uint8)
+    zero_offset = P.unsigned_codes(zero_point, qmin)
     return P.pack_codes(codes, bits, qmin), scale, zero_offset, P.dequantize_weight(codes, scale, zero_point)
 
 
