@@ -10,7 +10,7 @@ import torch
 from . import ops  # noqa: F401 - registers the qcompile:: custom ops
 from . import rounding
 from .api import QuantizedModel, compile
-from .config import PRESETS, QuantConfig, QuantSpec
+from .config import PRESETS, MixedPrecision, QuantConfig, QuantSpec
 from .errors import (CalibrationError, CaptureError, ConfigError, InvalidModelError, QCompileError,
                      SerializationError, UnsupportedOpError)
 from .format import load
@@ -23,6 +23,6 @@ if not importlib.metadata.entry_points(group="torch_dynamo_backends", name="qcom
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "load", "QuantizedModel", "QuantConfig", "QuantSpec", "PRESETS", "rounding",
+__all__ = ["compile", "load", "QuantizedModel", "QuantConfig", "QuantSpec", "MixedPrecision", "PRESETS", "rounding",
            "QCompileError", "ConfigError", "CaptureError", "CalibrationError", "UnsupportedOpError",
            "SerializationError", "InvalidModelError"]

@@ -13,6 +13,7 @@ from . import rounding
 from .config import QuantConfig, resolve_config
 from .errors import CalibrationError
 from .ir import Partition, fetch_attr, module_device, normalize_batch
+from .passes.allocate import allocate
 from .passes.capture import capture, flatten_inputs
 from .passes.fold import fold, folded_params
 from .passes.optimize import OptimizeResult, optimize
@@ -75,7 +76,7 @@ def compile(model: torch.nn.Module, calib: Iterable[Any], config: QuantConfig | 
     """Quantize ``model`` with ``config`` (a QuantConfig or a preset name), calibrating on ``calib``:
     an iterable of example inputs (tensors, tuples of tensors, or dicts of keyword arguments)."""
     config = resolve_config(config)
-    rounding.get(config.method)
+    rounding.check_config(config)
     device = module_device(model)
     batches = _materialize(calib, device)
     start = time.perf_counter()
@@ -87,6 +88,9 @@ def compile(model: torch.nn.Module, calib: Iterable[Any], config: QuantConfig | 
     float_bytes = module_nbytes(gm)
     if not partition.blocks:
         warnings.warn("no layer is quantized (every quantizable layer is kept float)", stacklevel=2)
+    allocation = None
+    if config.mixed_precision is not None and partition.blocks:
+        partition, allocation = allocate(gm, partition, flat, config, device)
     result = optimize(gm, partition, flat, config, device, progress)
     rows = _layer_rows(gm, partition, result, config)
     fold(gm, partition.layers, result.weight_params, result.activation_params)
@@ -94,7 +98,7 @@ def compile(model: torch.nn.Module, calib: Iterable[Any], config: QuantConfig | 
                     blocks=[BlockRow(b.name, b.layers, b.output_error, b.seconds) for b in result.blocks],
                     model_float_bytes=float_bytes, model_bytes=module_nbytes(gm),
                     capture_seconds=capture_seconds, quantize_seconds=time.perf_counter() - start - capture_seconds,
-                    notes=list(partition.notes))
+                    notes=list(partition.notes), mixed_precision=None if allocation is None else allocation.to_dict())
     return QuantizedModel(gm, config, report, example)
 
 
@@ -160,6 +164,7 @@ def _layer_rows(gm: fx.GraphModule, partition: Partition, result: OptimizeResult
             layer.module_path, layer.op, "quantized", weight=layer.weight, bits=params.bits, group_size=params.group_size,
             symmetric=params.symmetric, activation_bits=activation_bits,
             weight_error_rtn=P.relative_error(weight, rtn.dequantize()),
-            weight_error=P.relative_error(weight, params.dequantize()), block=block_of.get(layer.node),
+            weight_error=P.relative_error(weight, params.dequantize()), exponent=params.exponent,
+            block=block_of.get(layer.node),
             float_bytes=weight.numel() * weight.element_size(), bytes=params.nbytes()))
     return rows

@@ -22,6 +22,9 @@ WEIGHT_OBSERVERS = ("minmax", "mse")
 ACTIVATION_OBSERVERS = ("minmax", "percentile", "mse")
 BLOCK_GRANULARITIES = ("block", "layer")
 ACTIVATION_SCOPES = ("inputs", "static")
+GRIDS = ("uniform", "power")
+EXPONENT_MODES = ("search", "learned")
+MIXED_PRECISION_SCORES = ("fisher", "hessian", "output_error")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,11 @@ class QuantSpec:
     granularity: "channel" | "group" | "tensor"; inferred from group_size when left None.
     observer:    how the range is chosen: "minmax", "mse" (clip-ratio search), "percentile" (activations).
     percentile:  the percentile of |x| used by the percentile observer.
+    grid:        "uniform", or "power": the weight is quantized as sign(w)·|w|^a on the uniform grid and
+                 mapped back with the inverse power (NUPES, weights only).
+    exponent:    the power grid's a: a float in (0, 2], "search" (per layer, the data-free search on the
+                 weight error; the default) or "learned" (searched, then trained with the rounding
+                 variables by the gradient-based methods). None for the uniform grid.
     """
 
     bits: int = 8
@@ -44,6 +52,8 @@ class QuantSpec:
     granularity: str | None = None
     observer: str = "minmax"
     percentile: float = 99.99
+    grid: str = "uniform"
+    exponent: float | str | None = None
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -64,11 +74,56 @@ class QuantSpec:
             raise ConfigError(f"QuantSpec.observer must be one of {ACTIVATION_OBSERVERS}, got {self.observer!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"QuantSpec.percentile must be in (50, 100], got {self.percentile!r}")
+        if self.grid not in GRIDS:
+            raise ConfigError(f"QuantSpec.grid must be one of {GRIDS}, got {self.grid!r}")
+        if self.grid == "uniform" and self.exponent is not None:
+            raise ConfigError(f"QuantSpec.exponent={self.exponent!r} needs grid='power'")
+        if self.grid == "power":
+            if self.exponent is None:
+                object.__setattr__(self, "exponent", "search")
+            elif isinstance(self.exponent, (int, float)) and not isinstance(self.exponent, bool):
+                if not 0 < self.exponent <= 2:
+                    raise ConfigError(f"QuantSpec.exponent must be in (0, 2], got {self.exponent!r}")
+                object.__setattr__(self, "exponent", float(self.exponent))
+            elif self.exponent not in EXPONENT_MODES:
+                raise ConfigError(f"QuantSpec.exponent must be a number in (0, 2] or one of {EXPONENT_MODES}, "
+                                  f"got {self.exponent!r}")
 
     @property
     def qrange(self) -> tuple[int, int]:
         """(qmin, qmax) of this spec's codes."""
         return quant_range(self.bits, self.symmetric)
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """Importance-based bit widths per layer under a size budget (``passes/allocate.py``).
+
+    target_bits: the budget, as average stored bits per quantized weight element: packed codes plus
+                 scales and zero points, over every quantized weight (layers an override pins count
+                 with their fixed size).
+    candidates:  the bit widths a layer may get.
+    score:       how a layer's loss increase at each width is estimated on the calibration data:
+                 "fisher" (diagonal Fisher/Gauss-Newton of the model outputs times the squared weight
+                 error), "hessian" (the layer's own output error, tr(ΔW X^T X ΔW^T)) or "output_error"
+                 (the model output error with only that layer quantized).
+    """
+
+    target_bits: float
+    candidates: tuple[int, ...] = (2, 3, 4, 8)
+    score: str = "fisher"
+
+    def __post_init__(self):
+        if isinstance(self.target_bits, bool) or not isinstance(self.target_bits, (int, float)) \
+                or not 0 < self.target_bits <= 32:
+            raise ConfigError(f"MixedPrecision.target_bits must be a number in (0, 32], got {self.target_bits!r}")
+        candidates = tuple(self.candidates)
+        if not candidates or any(isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8 for b in candidates):
+            raise ConfigError(f"MixedPrecision.candidates must be bit widths in 2..8, got {self.candidates!r}")
+        object.__setattr__(self, "candidates", tuple(sorted(set(candidates))))
+        object.__setattr__(self, "target_bits", float(self.target_bits))
+        if self.score not in MIXED_PRECISION_SCORES:
+            raise ConfigError(f"MixedPrecision.score must be one of {MIXED_PRECISION_SCORES}, got {self.score!r}")
 
 
 @dataclass(frozen=True)
@@ -87,6 +142,8 @@ class QuantConfig:
     granularity:     "block" (residual blocks / transformer layers) or "layer" (one quantizable op a block).
     overrides:       module-path glob -> QuantSpec (that layer's weight spec) or None (keep it float);
                      the first matching glob wins.
+    mixed_precision: None, or a MixedPrecision: the bit width of every layer that no override pins is
+                     chosen from its candidates under a size budget (the weight spec gives the rest).
     seed:            seeds every random choice (sample order, initialisations) for reproducible runs.
     """
 
@@ -97,6 +154,7 @@ class QuantConfig:
     method_options: Mapping[str, Any] = field(default_factory=dict)
     granularity: str = "block"
     overrides: Mapping[str, QuantSpec | None] = field(default_factory=dict)
+    mixed_precision: MixedPrecision | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -121,6 +179,10 @@ class QuantConfig:
         for pattern, spec in self.overrides.items():
             if not isinstance(pattern, str) or not (spec is None or isinstance(spec, QuantSpec)):
                 raise ConfigError(f"QuantConfig.overrides[{pattern!r}] must map a glob string to a QuantSpec or None")
+        if self.mixed_precision is not None and not isinstance(self.mixed_precision, MixedPrecision):
+            raise ConfigError("QuantConfig.mixed_precision must be None or a MixedPrecision")
+        if self.activation is not None and self.activation.grid != "uniform":
+            raise ConfigError("activations are quantized on the uniform grid: the power grid is for weights")
         object.__setattr__(self, "method_options", MappingProxyType(dict(self.method_options)))
         object.__setattr__(self, "overrides", MappingProxyType(dict(self.overrides)))
 
@@ -141,12 +203,13 @@ class QuantConfig:
             "method_options": dict(self.method_options),
             "granularity": self.granularity,
             "overrides": {k: None if v is None else dataclasses.asdict(v) for k, v in self.overrides.items()},
+            "mixed_precision": None if self.mixed_precision is None else dataclasses.asdict(self.mixed_precision),
             "seed": self.seed,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
-        activation = data.get("activation")
+        activation, mixed = data.get("activation"), data.get("mixed_precision")
         return cls(
             weight=QuantSpec(**data["weight"]),
             activation=None if activation is None else QuantSpec(**activation),
@@ -155,6 +218,7 @@ class QuantConfig:
             method_options=data.get("method_options", {}),
             granularity=data.get("granularity", "block"),
             overrides={k: None if v is None else QuantSpec(**v) for k, v in data.get("overrides", {}).items()},
+            mixed_precision=None if mixed is None else MixedPrecision(**{**mixed, "candidates": tuple(mixed["candidates"])}),
             seed=data.get("seed", 0),
         )
 

@@ -36,7 +36,7 @@ from .errors import SerializationError
 from .ir import GM_CAPTURED_BY, GM_INPUT_NAMES, META_MODULE_PATH, META_ROLE, META_WEIGHT, ensure_submodule, fetch_attr
 
 FORMAT = "qcompile.quantized_model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: codes packed densely (3-bit codes 3 bits each), power-grid exponents
 GRAPH_FILE = "graph.json"
 TENSORS_FILE = "tensors.safetensors"
 SAVED_META = (META_MODULE_PATH, META_ROLE, META_WEIGHT)

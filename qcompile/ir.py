@@ -32,7 +32,9 @@ class QuantParams:
                   (``primitives.weight_matrix``); scale: float32 [rows | 1, n_groups];
     zero_point:   same shape as scale, dtype of the codes; bits, symmetric: the code range;
     group_size:   cols per scale (-1: one scale per row, or per tensor when scale is [1, 1]);
-    axis, shape:  the parameter's output-channel axis and shape, to map the matrix back.
+    axis, shape:  the parameter's output-channel axis and shape, to map the matrix back;
+    exponent:     the power-grid exponent a (1.0: the uniform grid); the weight is
+                  sign(y)·|y|^(1/a) with y = (codes - zero_point) * scale.
     """
 
     weight_codes: torch.Tensor
@@ -43,6 +45,7 @@ class QuantParams:
     group_size: int
     axis: int
     shape: tuple[int, ...]
+    exponent: float = 1.0
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -50,7 +53,7 @@ class QuantParams:
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight in the parameter's layout."""
-        return P.weight_from_matrix(P.dequantize_weight(self.weight_codes, self.scale, self.zero_point),
+        return P.weight_from_matrix(P.dequantize_weight(self.weight_codes, self.scale, self.zero_point, self.exponent),
                                     self.axis, self.shape)
 
     def nbytes(self) -> int:
@@ -73,6 +76,8 @@ class QuantParams:
             problems.append(f"scale {tuple(self.scale.shape)} / zero point {tuple(self.zero_point.shape)} for codes {(rows, cols)}")
         if not torch.isfinite(self.scale).all() or (self.scale <= 0).any():
             problems.append("non-finite or non-positive scales")
+        if not (isinstance(self.exponent, float) and 0 < self.exponent < float("inf")):
+            problems.append(f"power-grid exponent {self.exponent!r} (a positive float)")
         if problems:
             raise ValueError(f"invalid QuantParams for {name}: " + "; ".join(problems))
 

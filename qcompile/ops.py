@@ -1,8 +1,9 @@
 """The custom ops that a folded graph holds, registered with torch.library so that they survive
 torch.export, run under torch.compile and have one definition that lowerings translate.
 
-- ``qcompile::dequantize_weight(packed_codes, scale, zero_point, bits, qmin, axis, shape, dtype)``:
-  packed integer codes (``primitives.pack_codes``) -> the float weight in its parameter layout.
+- ``qcompile::dequantize_weight(packed_codes, scale, zero_point, bits, qmin, axis, shape, dtype, exponent)``:
+  packed integer codes (``primitives.pack_codes``, dense) -> the float weight in its parameter layout
+  (exponent != 1: a power grid, mapped back with sign(y)·|y|^(1/exponent)).
 - ``qcompile::quantize_dequantize(x, scale, zero_point, qmin, qmax)``: per-tensor fake quantization
   of an activation (QuantizeLinear -> DequantizeLinear in ONNX terms).
 - ``qcompile::dequantize_linear(codes, scale, zero_point, axis, block_size)``: ONNX DequantizeLinear
@@ -27,18 +28,19 @@ from .kernels import cpu_ops
 
 @torch.library.custom_op("qcompile::dequantize_weight", mutates_args=())
 def dequantize_weight(packed_codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
-                      qmin: int, axis: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """packed_codes: uint8 [rows, ceil(cols / per_byte)]; scale, zero_point: [rows | 1, n_groups].
-    Returns the weight of ``shape`` and ``dtype``: (codes - zero_point) * scale, mapped back from the
-    [rows, cols] matrix view along ``axis``."""
+                      qmin: int, axis: int, shape: list[int], dtype: torch.dtype, exponent: float = 1.0
+                      ) -> torch.Tensor:
+    """packed_codes: uint8 [rows, ceil(cols * bits / 8)]; scale, zero_point: [rows | 1, n_groups].
+    Returns the weight of ``shape`` and ``dtype``: (codes - zero_point) * scale (from the power domain of
+    ``exponent``), mapped back from the [rows, cols] matrix view along ``axis``."""
     rows = shape[axis]
     cols = math.prod(shape) // rows
     codes = P.unpack_codes(packed_codes, bits, qmin, cols)
-    return P.weight_from_matrix(P.dequantize_weight(codes, scale, zero_point), axis, shape).to(dtype)
+    return P.weight_from_matrix(P.dequantize_weight(codes, scale, zero_point, exponent), axis, shape).to(dtype)
 
 
 @dequantize_weight.register_fake
-def _(packed_codes, scale, zero_point, bits, qmin, axis, shape, dtype):
+def _(packed_codes, scale, zero_point, bits, qmin, axis, shape, dtype, exponent=1.0):
     return packed_codes.new_empty(shape, dtype=dtype)
 
 
@@ -110,8 +112,8 @@ def _(codes, indices, scale, zero_point, block_size):
 def packed_linear(x: torch.Tensor, packed_codes: torch.Tensor, scale: torch.Tensor, zero_offset: torch.Tensor,
                   bits: int, group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype: x @ W^T (+ bias) where W [N, K] = (u - zero_offset) * scale,
-    u the unsigned codes that ``packed_codes`` (uint8 [N, ceil(K / per_byte)], ``primitives.pack_codes``)
-    holds; scale float32 / zero_offset uint8 [N | 1, K / group_size]. On CPU the fused kernel reads the
+    u the unsigned codes that ``packed_codes`` holds in ``container_bits(bits)``-wide fields (uint8
+    [N, ceil(K / per_byte)], ``primitives.pack_codes(..., width=container_bits(bits))``); scale float32 / zero_offset uint8 [N | 1, K / group_size]. On CPU the fused kernel reads the
     packed bytes once (kernels/packed_linear_cpu.cpp); elsewhere, or for group sizes the kernel does not
     tile, the weight is dequantized for the call."""
     width = P.container_bits(bits)
@@ -132,7 +134,8 @@ def _(x, packed_codes, scale, zero_offset, bits, group_size, bias):
 
 def _packed_linear_weight(packed_codes, scale, zero_offset, bits, cols, dtype):
     """The [N, K] weight packed_linear computes with."""
-    return P.dequantize_weight(P.unpack_codes(packed_codes, bits, 0, cols), scale, zero_offset).to(dtype)
+    return P.dequantize_weight(P.unpack_codes(packed_codes, bits, 0, cols, P.container_bits(bits)), scale,
+                               zero_offset).to(dtype)
 
 
 def _linear_setup_context(ctx, inputs, output):

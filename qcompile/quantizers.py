@@ -13,6 +13,11 @@ returns its fake-quantized form, in the parameter's layout and dtype, from learn
   zero point recomputed from it each call; learn "scale": s · exp(t) with a learnable log-ratio t per
   group (the "rounding + scales" degree of freedom of gradient-based PTQ); learn "rounding": fixed s.
 
+Power grid (NUPES, arXiv 2308.05600): the codes quantize u = sign(w)·|w|^a and the weight is
+sign(y)·|y|^(1/a) of the dequantized y; the range bounds are kept in the weight domain and mapped with
+the current a, so that with ``exponent="learned"`` a is a learnable scalar trained with the other
+variables (straight through the rounding, exactly through both power maps).
+
 ``ActivationQuantizer``: per-tensor activation fake quantization with the LSQ step size (Esser et al.
 2020, arXiv 1902.08153: straight-through rounding, gradient scaled by 1 / sqrt(n · qmax)) and QDrop
 (Wei et al. 2022, arXiv 2203.05740): in training mode each element keeps its float value with
@@ -32,6 +37,18 @@ from .ir import ActivationParams, QuantLayer, QuantParams
 SIGMOID_LOW, SIGMOID_HIGH = -0.1, 1.1    # γ, ζ of AdaRound's rectified sigmoid
 ROUNDINGS = ("sigmoid", "offset")
 LEARNABLES = ("rounding", "scale", "clip")
+LEARNED_EXPONENT_RANGE = (0.1, 2.0)
+
+
+def power_exponent(matrix: torch.Tensor, spec: QuantSpec) -> float:
+    """The grid exponent of a [rows, cols] weight matrix under ``spec``: 1.0 on the uniform grid, the
+    spec's number, or (``"search"``, and the start of ``"learned"``) the data-free search's choice."""
+    if spec.grid == "uniform":
+        return 1.0
+    if isinstance(spec.exponent, float):
+        return spec.exponent
+    return P.search_power_exponent(matrix, spec.bits, spec.symmetric, spec.group_size,
+                                   per_tensor=spec.granularity == "tensor", observer=spec.observer)
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -60,16 +77,19 @@ class WeightQuantizer(nn.Module):
         self.axis, self.shape, self.dtype = layer.axis, tuple(weight.shape), weight.dtype
         matrix = P.weight_matrix(weight.detach(), layer.axis).float()
         self.register_buffer("matrix", matrix)
-        w_min, w_max = P.weight_range(matrix, spec.bits, spec.symmetric, spec.group_size,
-                                      per_tensor=spec.granularity == "tensor", observer=spec.observer)
-        self.register_buffer("w_min", w_min)
-        self.register_buffer("w_max", w_max)
-        self.clip_low = nn.Parameter(torch.ones_like(w_min)) if learn == "clip" else None
-        self.clip_high = nn.Parameter(torch.ones_like(w_max)) if learn == "clip" else None
-        self.log_scale = nn.Parameter(torch.zeros_like(w_min)) if learn == "scale" else None
+        exponent = power_exponent(matrix, spec)
+        self.exponent = nn.Parameter(torch.tensor(exponent)) if spec.exponent == "learned" else exponent
+        u_min, u_max = P.weight_range(matrix, spec.bits, spec.symmetric, spec.group_size,
+                                      per_tensor=spec.granularity == "tensor", observer=spec.observer,
+                                      exponent=exponent)
+        self.register_buffer("w_min", P.from_power_domain(u_min, exponent))
+        self.register_buffer("w_max", P.from_power_domain(u_max, exponent))
+        self.clip_low = nn.Parameter(torch.ones_like(u_min)) if learn == "clip" else None
+        self.clip_high = nn.Parameter(torch.ones_like(u_max)) if learn == "clip" else None
+        self.log_scale = nn.Parameter(torch.zeros_like(u_min)) if learn == "scale" else None
         if rounding == "sigmoid":
             with torch.no_grad():
-                scaled = matrix / self._expanded(self.scale_zero_point()[0])
+                scaled = P.to_power_domain(matrix, exponent) / self._expanded(self.scale_zero_point()[0])
                 initial = rectified_sigmoid_inverse(scaled - torch.floor(scaled))
         else:
             initial = torch.zeros_like(matrix)
@@ -79,8 +99,8 @@ class WeightQuantizer(nn.Module):
         return P.expand_groups(t, *self.matrix.shape)
 
     def scale_zero_point(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Current scale and zero point, [rows | 1, n_groups]."""
-        low, high = self.w_min, self.w_max
+        """Current scale and zero point (of the power domain), [rows | 1, n_groups]."""
+        low, high = P.to_power_domain(self.w_min, self.exponent), P.to_power_domain(self.w_max, self.exponent)
         if self.clip_low is not None:
             low, high = low * self.clip_low, high * self.clip_high
         scale, zero_point = P.scale_zero_point(low, high, self.spec.bits, self.spec.symmetric)
@@ -92,7 +112,7 @@ class WeightQuantizer(nn.Module):
         """Float codes [rows, cols] in [qmin, qmax]: soft (training) or hard (integer valued)."""
         qmin, qmax = self.spec.qrange
         scale, zero_point = self.scale_zero_point()
-        scaled = self.matrix / self._expanded(scale)
+        scaled = P.to_power_domain(self.matrix, self.exponent) / self._expanded(scale)
         if self.rounding_mode == "sigmoid":
             up = (self.rounding >= 0).float() if hard else rectified_sigmoid(self.rounding)
             codes = torch.floor(scaled).detach() + up
@@ -103,7 +123,7 @@ class WeightQuantizer(nn.Module):
     def forward(self, hard: bool = False) -> torch.Tensor:
         """The fake-quantized weight in the parameter's layout and dtype."""
         scale, zero_point = self.scale_zero_point()
-        matrix = (self.codes(hard) - self._expanded(zero_point)) * self._expanded(scale)
+        matrix = P.dequantize(self.codes(hard), self._expanded(scale), self._expanded(zero_point), self.exponent)
         return P.weight_from_matrix(matrix, self.axis, self.shape).to(self.dtype)
 
     def regularizer(self, beta: float) -> torch.Tensor:
@@ -118,6 +138,8 @@ class WeightQuantizer(nn.Module):
         if self.clip_low is not None:
             self.clip_low.clamp_(self.clip_floor, 1.0)
             self.clip_high.clamp_(self.clip_floor, 1.0)
+        if isinstance(self.exponent, nn.Parameter):
+            self.exponent.clamp_(*LEARNED_EXPONENT_RANGE)
 
     @torch.no_grad()
     def quant_params(self) -> QuantParams:
@@ -126,7 +148,8 @@ class WeightQuantizer(nn.Module):
         dtype = P.code_dtype(self.spec.symmetric)
         return QuantParams(weight_codes=self.codes(hard=True).to(dtype), scale=scale.float().clone(),
                            zero_point=zero_point.to(dtype), bits=self.spec.bits, symmetric=self.spec.symmetric,
-                           group_size=self.spec.group_size, axis=self.axis, shape=self.shape)
+                           group_size=self.spec.group_size, axis=self.axis, shape=self.shape,
+                           exponent=float(self.exponent))
 
 
 class ActivationQuantizer(nn.Module):

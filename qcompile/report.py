@@ -21,6 +21,7 @@ class LayerRow:
     activation_bits: int | None = None
     weight_error_rtn: float | None = None
     weight_error: float | None = None
+    exponent: float | None = None     # the grid exponent (1.0: uniform; NUPES power grid otherwise)
     block: str | None = None
     float_bytes: int = 0
     bytes: int = 0
@@ -44,6 +45,7 @@ class Report:
     capture_seconds: float = 0.0
     quantize_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    mixed_precision: dict | None = None   # passes.allocate.Allocation.to_dict(): budget, choice, scores
 
     @property
     def compression(self) -> float:
@@ -58,12 +60,13 @@ class Report:
                       "blocks": [BlockRow(**row) for row in data["blocks"]]})
 
     def __str__(self) -> str:
-        header = f"{'layer':<44} {'op':<7} {'bits':>4} {'group':>5} {'a-bits':>6} {'err rtn':>9} {'err':>9} {'bytes':>10}  status"
+        header = (f"{'layer':<44} {'op':<7} {'bits':>4} {'group':>5} {'grid a':>6} {'a-bits':>6} {'err rtn':>9} "
+                  f"{'err':>9} {'bytes':>10}  status")
         lines = [header, "-" * len(header)]
         for row in self.layers:
             fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
             lines.append(f"{row.path[-44:]:<44} {row.op:<7} {fmt(row.bits, 'd'):>4} {fmt(row.group_size, 'd'):>5} "
-                         f"{fmt(row.activation_bits, 'd'):>6} {fmt(row.weight_error_rtn, '.2e'):>9} "
+                         f"{fmt(row.exponent, '.2f'):>6} {fmt(row.activation_bits, 'd'):>6} {fmt(row.weight_error_rtn, '.2e'):>9} "
                          f"{fmt(row.weight_error, '.2e'):>9} {row.bytes:>10}  {row.status}")
         lines.append("")
         lines.append(f"{'block':<44} {'layers':>6} {'output err':>10} {'seconds':>8}")
@@ -73,5 +76,10 @@ class Report:
         lines.append(f"method {self.method}: model {self.model_float_bytes / 2**20:.2f} MiB float -> "
                      f"{self.model_bytes / 2**20:.2f} MiB ({self.compression:.2f}x smaller); capture "
                      f"{self.capture_seconds:.1f}s, quantization {self.quantize_seconds:.1f}s")
+        if self.mixed_precision is not None:
+            mixed = self.mixed_precision
+            lines.append(f"mixed precision ({mixed['score']} scores): {mixed['achieved_bits']:.3f} bits per weight for a "
+                         f"target of {mixed['target_bits']:.3f} ({mixed['used_bytes']} of {mixed['budget_bytes']} bytes"
+                         f"{'' if mixed['exact'] else '; optimal within ' + str(mixed['slack_bytes']) + ' bytes'})")
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)

@@ -1,6 +1,6 @@
 import pytest
 
-from qcompile import PRESETS, QuantConfig, QuantSpec
+from qcompile import PRESETS, MixedPrecision, QuantConfig, QuantSpec
 from qcompile.config import resolve_config
 from qcompile.errors import ConfigError
 
@@ -8,10 +8,36 @@ from qcompile.errors import ConfigError
 @pytest.mark.parametrize("kwargs", [dict(bits=1), dict(bits=9), dict(bits=4.0), dict(group_size=0),
                                     dict(group_size=1), dict(granularity="row"), dict(granularity="group"),
                                     dict(group_size=32, granularity="channel"), dict(observer="max"),
-                                    dict(percentile=20.0)])
+                                    dict(percentile=20.0), dict(grid="log"), dict(exponent=0.5),
+                                    dict(grid="power", exponent=0.0), dict(grid="power", exponent=2.5),
+                                    dict(grid="power", exponent="auto"), dict(grid="power", exponent=True)])
 def test_spec_rejects_bad_values(kwargs):
     with pytest.raises(ConfigError):
         QuantSpec(**kwargs)
+
+
+def test_power_grid_spec_defaults_to_the_search():
+    assert QuantSpec(bits=4, grid="power").exponent == "search"
+    assert QuantSpec(bits=4, grid="power", exponent=1).exponent == 1.0
+    assert QuantSpec(bits=4).exponent is None
+    with pytest.raises(ConfigError, match="uniform grid"):
+        QuantConfig(activation=QuantSpec(bits=8, granularity="tensor", grid="power"))
+
+
+@pytest.mark.parametrize("kwargs", [dict(target_bits=0), dict(target_bits="3"), dict(target_bits=3, candidates=()),
+                                    dict(target_bits=3, candidates=(1, 4)), dict(target_bits=3, candidates=(4, 9)),
+                                    dict(target_bits=3, score="random")])
+def test_mixed_precision_rejects_bad_values(kwargs):
+    with pytest.raises(ConfigError):
+        MixedPrecision(**kwargs)
+
+
+def test_mixed_precision_round_trips():
+    config = QuantConfig(weight=QuantSpec(bits=4, group_size=64, grid="power", exponent="learned"), method="signround",
+                         mixed_precision=MixedPrecision(target_bits=3.25, candidates=[8, 2, 4, 4], score="hessian"))
+    assert config.mixed_precision.candidates == (2, 4, 8)
+    assert QuantConfig.from_dict(config.to_dict()) == config
+    assert QuantConfig.from_dict(config.to_dict()).fingerprint() == config.fingerprint()
 
 
 def test_spec_infers_granularity_and_range():

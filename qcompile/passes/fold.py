@@ -1,7 +1,7 @@
 """fold: write quantization parameters into the graph as real integer data and quantization ops.
 
 For each quantized weight, the parameter is replaced by three buffers on its owner module,
-``<name>_codes`` (uint8, packed by ``primitives.pack_codes``), ``<name>_scale`` (float32) and
+``<name>_codes`` (uint8, packed densely by ``primitives.pack_codes``), ``<name>_scale`` (float32) and
 ``<name>_zero_point``, feeding one ``qcompile::dequantize_weight`` node placed before its first
 consumer (so dequantized weights live only while used). For each quantized activation value, a
 ``<value>_act_scale`` / ``<value>_act_zero_point`` pair feeds one ``qcompile::quantize_dequantize``
@@ -66,7 +66,7 @@ def _insert_dequantize(gm: fx.GraphModule, consumer: fx.Node, layer: QuantLayer,
     zero_point = register_tensor(gm, owner, f"{attr}_zero_point", params.zero_point.to(device), consumer, layer.module_path)
     with gm.graph.inserting_before(consumer):
         node = gm.graph.call_function(DEQUANTIZE_WEIGHT, (codes, scale, zero_point, params.bits, qmin, params.axis,
-                                                          list(params.shape), dtype))
+                                                          list(params.shape), dtype, params.exponent))
     node.meta.update({META_MODULE_PATH: layer.module_path, META_ROLE: ROLE_WEIGHT_DEQUANT, META_WEIGHT: layer.weight})
     return node
 
@@ -94,7 +94,7 @@ def folded_params(gm: fx.GraphModule) -> dict[str, QuantParams]:
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != DEQUANTIZE_WEIGHT:
             continue
-        codes_node, scale_node, zero_point_node, bits, qmin, axis, shape, _ = node.args
+        codes_node, scale_node, zero_point_node, bits, qmin, axis, shape, _, exponent = node.args
         scale, zero_point = fetch_attr(gm, scale_node.target), fetch_attr(gm, zero_point_node.target)
         rows = shape[axis]
         cols = math.prod(shape) // rows
@@ -103,5 +103,5 @@ def folded_params(gm: fx.GraphModule) -> dict[str, QuantParams]:
         n_groups = scale.shape[1]
         params[node.meta[META_WEIGHT]] = QuantParams(
             weight_codes=codes, scale=scale, zero_point=zero_point, bits=bits, symmetric=symmetric,
-            group_size=-1 if n_groups == 1 else cols // n_groups, axis=axis, shape=tuple(shape))
+            group_size=-1 if n_groups == 1 else cols // n_groups, axis=axis, shape=tuple(shape), exponent=exponent)
     return params

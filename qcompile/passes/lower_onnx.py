@@ -15,6 +15,10 @@ folded graph in which every ``qcompile::dequantize_weight`` (packed codes) becom
   ``com.microsoft.GatherBlockQuantized`` (it does not fuse DequantizeLinear -> Gather, which would
   dequantize the whole table on every call); other embeddings: DequantizeLinear -> Gather.
 
+A power-grid weight (``QuantParams.exponent`` != 1) gets its inverse map right after the dequantization:
+Abs -> Pow(1 / exponent) -> Mul by Sign, the same float function as ``qcompile::dequantize_weight``
+(onnxruntime then runs the matmul in float: no MatMulNBits fusion for such weights).
+
 Codes of 2..4 bits are stored as INT4/UINT4 initializers (same values, same DequantizeLinear result),
 5..8 bits as INT8/UINT8. ``qcompile::quantize_dequantize`` becomes QuantizeLinear -> DequantizeLinear
 (8-bit activations; other widths raise ``UnsupportedOpError``). Batch and sequence dims stay dynamic.
@@ -150,7 +154,7 @@ def _lower_dequantize(view: fx.GraphModule, node: fx.Node, params: QuantParams, 
         value = view.graph.call_function(DEQUANTIZE_LINEAR, (*inputs, axis, block_size))
         if reshape_to is not None:
             value = view.graph.call_function(torch.ops.aten.reshape.default, (value, reshape_to))
-        value = _cast(view, value, node.args[7])
+        value = _cast(view, _from_power_domain(view, value, params.exponent), node.args[7])
     for new in (*inputs, value):
         new.meta[META_MODULE_PATH] = node.meta.get(META_MODULE_PATH, "")
     if matmul_layout and rewritable:
@@ -186,6 +190,17 @@ def _register_onnx_tensors(view: fx.GraphModule, node: fx.Node, params: QuantPar
     return targets
 
 
+def _from_power_domain(view: fx.GraphModule, value: fx.Node, exponent: float) -> fx.Node:
+    """A power-grid weight's inverse map after its dequantization: Sign(y) * Pow(Abs(y), 1 / exponent)
+    (nothing for the uniform grid)."""
+    if exponent == 1.0:
+        return value
+    aten = torch.ops.aten
+    magnitude = view.graph.call_function(aten.pow.Tensor_Scalar, (
+        view.graph.call_function(aten.abs.default, (value,)), 1.0 / exponent))
+    return view.graph.call_function(aten.mul.Tensor, (view.graph.call_function(aten.sign.default, (value,)), magnitude))
+
+
 def _cast(view: fx.GraphModule, value: fx.Node, dtype: torch.dtype) -> fx.Node:
     """``value`` (float32) cast to the weight's dtype when that differs."""
     if dtype == torch.float32:
@@ -211,7 +226,7 @@ def _lower_embedding_lookup(view: fx.GraphModule, node: fx.Node, params: QuantPa
             codes, scale, zero_point = (view.graph.get_attr(target) for target in targets)
             value = view.graph.call_function(GATHER_BLOCK_QUANTIZED, (
                 codes, user.args[EMBEDDING_TARGETS[user.target][0]], scale, zero_point, block))
-            value = _cast(view, value, node.args[7])
+            value = _cast(view, _from_power_domain(view, value, params.exponent), node.args[7])
         value.meta[META_MODULE_PATH] = node.meta.get(META_MODULE_PATH, "")
         user.replace_all_uses_with(value)
         view.graph.erase_node(user)

@@ -4,15 +4,16 @@
 (``partition.matmul_operands``: linear, addmm, mm, matmul) into one packed-weight op per reader:
 
 - on CPU (and any device but CUDA): ``qcompile::packed_linear`` on the folded graph's own packed codes
-  (2/4/8-bit containers), uint8 zero offsets and float32 scales; the fused kernel in
-  ``qcompile/kernels`` streams the packed bytes once (a decode step is memory-bound);
+  (2-, 4- and 8-bit; 3-bit codes are repacked into 4-bit fields, 5- to 7-bit into bytes), uint8 zero
+  offsets and float32 scales; the fused kernel in ``qcompile/kernels`` streams the packed bytes once (a
+  decode step is memory-bound);
 - on CUDA, for <= 4-bit codes, group sizes 32/64/128/256 and shapes tinygemm tiles:
   ``qcompile::int4pack_linear`` with the weight repacked by ``aten._convert_weight_to_int4pack`` and
   bfloat16 scales-and-zeros (tinygemm computes in bfloat16; a per-channel weight is given as 256-groups
   that share the row's scale); other CUDA weights take packed_linear's dequantize-then-matmul path.
 
-Convolutions, embeddings and other readers keep their ``qcompile::dequantize_weight`` (dequantize, then
-the float op). The module holds only packed tensors: the codes, one scale and one zero offset per group.
+Convolutions, embeddings, power-grid weights and other readers keep their ``qcompile::dequantize_weight``
+(dequantize, then the float op). The module holds only packed tensors: the codes, one scale and one zero offset per group.
 
 ``lower_dequantized`` is the reference: every dequantize node replaced by its float weight, computed once.
 Both return new GraphModules that share the unchanged tensors with the folded graph and work with
@@ -46,9 +47,9 @@ def lower_packed(gm: fx.GraphModule) -> fx.GraphModule:
     if module_device(lowered).type == "cpu":
         cpu_ops()  # build (or load) the fused kernels now, not inside a later trace
     for node in _dequantize_nodes(lowered):
-        codes_node, scale_node, zero_point_node, bits, qmin, axis, shape, _ = node.args
+        codes_node, scale_node, zero_point_node, bits, qmin, axis, shape, _, exponent = node.args
         operands = [matmul_operands(user, node) for user in node.users]
-        if len(shape) != 2 or not operands or any(operand is None for operand in operands):
+        if len(shape) != 2 or exponent != 1.0 or not operands or any(operand is None for operand in operands):
             continue
         rows, cols = shape[axis], math.prod(shape) // shape[axis]
         scale = fetch_attr(lowered, scale_node.target)
@@ -64,8 +65,11 @@ def lower_packed(gm: fx.GraphModule) -> fx.GraphModule:
                 x, weight, scales_and_zeros, group_size, bias))
         else:
             tensors = {"zero_offset": zero_offset}
-            make = lambda x, bias, zero: (PACKED_LINEAR, (  # noqa: E731
-                x, codes_node, scale_node, zero, bits, group_size, bias))
+            width = P.container_bits(bits)
+            if width != bits:  # e.g. 3-bit codes: the kernel reads whole fields of a byte
+                tensors["container_codes"] = P.pack_codes(P.unpack_codes(codes, bits, 0, cols), bits, 0, width)
+            make = lambda x, bias, zero, container=codes_node: (PACKED_LINEAR, (  # noqa: E731
+                x, container, scale_node, zero, bits, group_size, bias))
         inputs = [_register(lowered, node, suffix, tensor) for suffix, tensor in tensors.items()]
         for user, (x, bias) in zip(list(node.users), operands):
             target, args = make(x, bias, *inputs)

@@ -15,7 +15,8 @@ arXiv 2308.07662) compares; each method is a set of defaults for them:
   (SignRound's additive V in [-0.5, 0.5]);
 - ``learn``: "rounding" | "scale" | "clip" (see ``quantizers``);
 - ``optimizer``: "adam" | "signsgd" (p -= lr · sign(grad)); ``lr`` (None: 1 / iters, SignRound's
-  default) for the rounding variables, ``scale_lr`` (None: lr) for scales or clip ratios, ``act_lr``
+  default) for the rounding variables, ``scale_lr`` (None: lr) for scales, clip ratios and learned
+  power-grid exponents (``QuantSpec(grid="power", exponent="learned")``), ``act_lr``
   for LSQ activation steps (when the config quantizes activations), ``schedule``: "constant" | "linear"
   decay to 0;
 - ``iters``; ``qdrop``: QDrop's probability of taking each element of the block inputs and of each
@@ -78,7 +79,7 @@ def check_recipe(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
 def recipe_method(name: str, defaults: Mapping[str, Any]) -> RoundingOptimizer:
     """Register ``name`` as the block-reconstruction method with these recipe defaults."""
-    @register(name)
+    @register(name, gradient_based=True)
     def optimize_block(problem: BlockProblem) -> BlockSolution:
         return reconstruct(problem, check_recipe(name, check_options(name, problem.config.method_options, defaults)))
     return optimize_block
@@ -157,7 +158,8 @@ def _optimizer(weights: dict, activations: dict, options: Mapping[str, Any]):
     lr = options["lr"] if options["lr"] is not None else 1.0 / options["iters"]
     scale_lr = options["scale_lr"] if options["scale_lr"] is not None else lr
     groups = [{"params": [q.rounding for q in weights.values()], "lr": lr}]
-    ranges = [p for q in weights.values() for p in (q.clip_low, q.clip_high, q.log_scale) if p is not None]
+    ranges = [p for q in weights.values() for p in (q.clip_low, q.clip_high, q.log_scale, q.exponent)
+              if isinstance(p, torch.nn.Parameter)]
     if ranges:
         groups.append({"params": ranges, "lr": scale_lr})
     steps = [q.scale for q in activations.values() if q.scale.requires_grad]

@@ -9,7 +9,9 @@ by coordinate descent. Each step fixes everything but one coordinate and sets it
 - a scale s_rg of row r, group g (codes fixed): the loss is a parabola in s_rg with closed-form vertex
   a_g^T H (E + s_rg a_g) / a_g^T H a_g, a_g = codes - zero_point on the group.
 
-So the loss never increases. ``G = E H`` is kept up to date with rank-one updates, which makes a sweep
+So the loss never increases. On the power grid (NUPES) Q = sign(a)·|s·a|^(1/α) = s^(1/α) · b with
+b = sign(a)·|a|^(1/α): the loss is still a parabola in t = s^(1/α), so the scale step solves for t with b
+in place of a, and a code step takes the grid point nearest the vertex in the weight domain. ``G = E H`` is kept up to date with rank-one updates, which makes a sweep
 cost rows·cols² flops at matrix speed. Codes start from nearest rounding. Options: ``sweeps`` (3);
 ``greedy`` (True): each row visits its columns by decreasing |W_rj|·||x_j||, the paper's greedy order;
 ``update_scales`` (True); ``damp`` (0.01): λ = damp · mean(diag H) added to diag(H), as in GPTQ, so that
@@ -30,9 +32,10 @@ from .registry import BlockProblem, BlockSolution, check_options, register
 DEFAULTS = {"sweeps": 3, "greedy": True, "update_scales": True, "damp": 0.01}
 
 
-def comq_solve(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, options: Mapping[str, Any]) -> Solution:
-    """COMQ on one [rows, cols] weight with Gram matrix [cols, cols]; ``objective`` holds the layer loss
-    after the nearest-rounding start and after each sweep."""
+def comq_solve(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, options: Mapping[str, Any],
+               exponent: float = 1.0) -> Solution:
+    """COMQ on one [rows, cols] weight with Gram matrix [cols, cols], on the grid of ``exponent``;
+    ``objective`` holds the layer loss after the nearest-rounding start and after each sweep."""
     rows, cols = weight.shape
     qmin, qmax = spec.qrange
     per_tensor = spec.granularity == "tensor"
@@ -40,10 +43,10 @@ def comq_solve(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, option
     gram = gram + float(options["damp"]) * float(diagonal.mean()) * torch.eye(cols, dtype=gram.dtype,
                                                                                device=gram.device)
     scale, zero_point = P.weight_scale_zero_point(weight, spec.bits, spec.symmetric, spec.group_size, per_tensor,
-                                                  spec.observer)
-    codes = P.quantize_weight(weight, scale, zero_point, spec.bits, spec.symmetric).float()
+                                                  spec.observer, exponent)
+    codes = P.quantize_weight(weight, scale, zero_point, spec.bits, spec.symmetric, exponent).float()
     scale_full, zero_full = P.expand_groups(scale, rows, cols), P.expand_groups(zero_point, rows, cols)
-    error = weight - P.dequantize(codes, scale_full, zero_full)
+    error = weight - P.dequantize(codes, scale_full, zero_full, exponent)
     g_matrix = error @ gram
     diagonal = torch.diag(gram)
     safe_diagonal = torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal))
@@ -59,31 +62,32 @@ def comq_solve(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, option
             e, g, h = error[row_index, column], g_matrix[row_index, column], safe_diagonal[column]
             s, z = scale_full[row_index, column], zero_full[row_index, column]
             vertex = weight[row_index, column] + (g - h * e) / h
-            code = P.quantize(vertex, s, z, qmin, qmax)
-            new_error = weight[row_index, column] - P.dequantize(code, s, z)
+            code = P.nearest_grid_code(vertex, s, z, qmin, qmax, exponent)
+            new_error = weight[row_index, column] - P.dequantize(code, s, z, exponent)
             change = torch.where(diagonal[column] > 0, new_error - e, torch.zeros_like(e))
             codes[row_index, column] = torch.where(diagonal[column] > 0, code, codes[row_index, column])
             error[row_index, column] += change
             g_matrix += change.unsqueeze(1) * gram[column]
         if options["update_scales"] and not per_tensor:
-            _update_scales(weight, codes, scale, zero_point, gram, error, g_matrix)
+            _update_scales(weight, codes, scale, zero_point, gram, error, g_matrix, exponent)
             scale_full = P.expand_groups(scale, rows, cols)
         history.append(layer_objective(weight, weight - error, gram))
     return Solution(codes=codes, scale=scale, zero_point=zero_point, objective=history)
 
 
 def _update_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                   gram: torch.Tensor, error: torch.Tensor, g_matrix: torch.Tensor) -> None:
-    """Each group's scale set to its exact minimiser with the codes and other scales fixed (in place)."""
+                   gram: torch.Tensor, error: torch.Tensor, g_matrix: torch.Tensor, exponent: float) -> None:
+    """Each group's scale set to its exact minimiser with the codes and other scales fixed (in place):
+    the weight is t · b with t = s^(1/α), b = sign(a)·|a|^(1/α), a = codes - zero point (α = 1: t = s)."""
     rows, cols = weight.shape
     n_groups = scale.shape[1]
     size = cols // n_groups
-    centered = codes - P.expand_groups(zero_point, rows, cols)
+    centered = P.from_power_domain(codes - P.expand_groups(zero_point, rows, cols), exponent)
     for group in range(n_groups):
         span = slice(group * size, (group + 1) * size)
         a = centered[:, span]
         curvature = ((a @ gram[span, span]) * a).sum(1)
-        old = scale[:, group]
+        old = P.from_power_domain(scale[:, group], exponent)
         numerator = (a * g_matrix[:, span]).sum(1) + old * curvature
         new = torch.where(curvature > 0, numerator / curvature.clamp_min(1e-30), old)
         new = torch.where(new > P.SCALE_EPS, new, old)
@@ -91,7 +95,7 @@ def _update_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tenso
         delta_error = -change.unsqueeze(1) * a
         error[:, span] += delta_error
         g_matrix += delta_error @ gram[span]
-        scale[:, group] = new
+        scale[:, group] = P.to_power_domain(new, exponent)
 
 
 @register("comq")

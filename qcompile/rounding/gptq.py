@@ -11,7 +11,8 @@ of H^-1 (the optimal update of the remaining weights for the quadratic layer los
   from the weights in memory order ("static groups"), so that groups stay contiguous;
 - ``block_size`` (128): columns per lazy update.
 Without act_order, a group's scale is computed from the error-updated weights when the group starts,
-as in the reference implementation.
+as in the reference implementation. On the power grid each column is rounded in the power domain and its
+error (in the weight domain) is spread the same way: GPTQ's update needs only the quantizer's output.
 """
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ def inverse_hessian_factor(gram: torch.Tensor, damp: float, retries: int) -> tor
     raise ValueError("GPTQ: the Hessian is not positive definite even with damping; check the calibration data")
 
 
-def gptq_solve(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, options: Mapping[str, Any]) -> Solution:
-    """GPTQ on one [rows, cols] weight with Gram matrix [cols, cols]."""
+def gptq_solve(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, options: Mapping[str, Any],
+               exponent: float = 1.0) -> Solution:
+    """GPTQ on one [rows, cols] weight with Gram matrix [cols, cols], on the grid of ``exponent``."""
     rows, cols = weight.shape
     qmin, qmax = spec.qrange
     group = cols if spec.group_size == -1 else spec.group_size
@@ -56,7 +58,7 @@ def gptq_solve(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, option
     gram[dead, dead] = 1.0
     w[:, dead] = 0.0
     scale, zero_point = P.weight_scale_zero_point(w, spec.bits, spec.symmetric, spec.group_size, per_tensor,
-                                                  spec.observer)
+                                                  spec.observer, exponent)
     act_order = bool(options["act_order"])
     order = torch.argsort(torch.diag(gram), descending=True) if act_order else torch.arange(cols, device=w.device)
     w, gram = w[:, order], gram[order][:, order]
@@ -72,19 +74,20 @@ def gptq_solve(weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, option
             column = int(order[start + i])
             if not act_order and not per_tensor and spec.group_size > 0 and column % group == 0:
                 fresh = torch.cat([w_block[:, i:], w[:, end:]], dim=1)[:, :group]
-                s, z = P.weight_scale_zero_point(fresh, spec.bits, spec.symmetric, -1, observer=spec.observer)
+                s, z = P.weight_scale_zero_point(fresh, spec.bits, spec.symmetric, -1, observer=spec.observer,
+                                                 exponent=exponent)
                 scale[:, column // group], zero_point[:, column // group] = s[:, 0], z[:, 0]
             g = 0 if per_tensor else column // group
             s, z = scale[:, g], zero_point[:, g]
-            q = P.quantize(w_block[:, i], s, z, qmin, qmax)
+            q = P.quantize(w_block[:, i], s, z, qmin, qmax, exponent=exponent)
             codes[:, start + i] = q
-            error = (w_block[:, i] - P.dequantize(q, s, z)) / factor[i, i]
+            error = (w_block[:, i] - P.dequantize(q, s, z, exponent)) / factor[i, i]
             w_block[:, i:] -= error.unsqueeze(1) * factor[i, i:].unsqueeze(0)
             errors[:, i] = error
         w[:, end:] -= errors @ upper[start:end, end:]
     inverse = torch.argsort(order)
     codes = codes[:, inverse]
-    dequantized = P.dequantize_weight(codes, scale, zero_point)
+    dequantized = P.dequantize_weight(codes, scale, zero_point, exponent)
     return Solution(codes=codes, scale=scale, zero_point=zero_point,
                     objective=[layer_objective(weight, dequantized, gram[inverse][:, inverse])])
 

@@ -24,6 +24,7 @@ from torch import fx
 from .. import primitives as P
 from ..config import QuantSpec
 from ..ir import Block, QuantLayer, QuantParams, module_device, values_to
+from ..quantizers import power_exponent
 from .rtn import round_to_nearest
 
 
@@ -38,8 +39,9 @@ class Solution:
     objective: list[float]
 
 
-# solver(weight [rows, cols] float32, gram [cols, cols] float32, spec, options) -> Solution
-Solver = Callable[[torch.Tensor, torch.Tensor, QuantSpec, Mapping[str, Any]], Solution]
+# solver(weight [rows, cols] float32, gram [cols, cols] float32, spec, options, exponent) -> Solution, where
+# exponent is the layer's grid exponent (1.0: uniform; ``quantizers.power_exponent``)
+Solver = Callable[[torch.Tensor, torch.Tensor, QuantSpec, Mapping[str, Any], float], Solution]
 
 
 def layer_objective(weight: torch.Tensor, dequantized: torch.Tensor, gram: torch.Tensor) -> float:
@@ -156,13 +158,14 @@ def layerwise_params(block: Block, inputs: list[tuple], specs: Mapping[str, Quan
 def _solve(weight: torch.Tensor, layer: QuantLayer, spec: QuantSpec, gram: torch.Tensor, solver: Solver,
            options: Mapping[str, Any]) -> QuantParams:
     matrix = P.weight_matrix(weight.detach(), layer.axis).float()
+    exponent = power_exponent(matrix, spec)
     grams = gram if gram.dim() == 3 else gram.unsqueeze(0)
     rows_per_group = matrix.shape[0] // grams.shape[0]
-    parts = [solver(matrix[g * rows_per_group:(g + 1) * rows_per_group], grams[g], spec, options)
+    parts = [solver(matrix[g * rows_per_group:(g + 1) * rows_per_group], grams[g], spec, options, exponent)
              for g in range(grams.shape[0])]
     dtype = P.code_dtype(spec.symmetric)
     return QuantParams(weight_codes=torch.cat([part.codes for part in parts]).to(dtype),
                        scale=torch.cat([part.scale for part in parts]),
                        zero_point=torch.cat([part.zero_point for part in parts]).to(dtype), bits=spec.bits,
                        symmetric=spec.symmetric, group_size=spec.group_size, axis=layer.axis,
-                       shape=tuple(weight.shape))
+                       shape=tuple(weight.shape), exponent=exponent)

@@ -54,16 +54,32 @@ class RoundingOptimizer(Protocol):
 
 
 _REGISTRY: dict[str, RoundingOptimizer] = {}
+_GRADIENT_BASED: set[str] = set()
 
 
-def register(name: str) -> Callable[[RoundingOptimizer], RoundingOptimizer]:
-    """Decorator: make ``fn`` selectable as ``QuantConfig(method=name)``."""
+def register(name: str, gradient_based: bool = False) -> Callable[[RoundingOptimizer], RoundingOptimizer]:
+    """Decorator: make ``fn`` selectable as ``QuantConfig(method=name)``; ``gradient_based``: it trains
+    its variables by back-propagation (and so can learn power-grid exponents)."""
     def decorator(fn: RoundingOptimizer) -> RoundingOptimizer:
         if name in _REGISTRY:
             raise ValueError(f"rounding optimizer {name!r} is registered twice")
         _REGISTRY[name] = fn
+        if gradient_based:
+            _GRADIENT_BASED.add(name)
         return fn
     return decorator
+
+
+def check_config(config: QuantConfig) -> None:
+    """ConfigError when the config names an unknown method, or asks a method without gradients to learn
+    a power-grid exponent."""
+    get(config.method)
+    specs = [("weight", config.weight), *((f"overrides[{k!r}]", v) for k, v in config.overrides.items())]
+    for where, spec in specs:
+        if spec is not None and spec.exponent == "learned" and config.method not in _GRADIENT_BASED:
+            raise ConfigError(f"QuantConfig.{where}: exponent='learned' is trained by the gradient-based methods "
+                              f"{sorted(_GRADIENT_BASED)}; {config.method!r} cannot learn it: use exponent='search' "
+                              "(the data-free per-layer search) or a number")
 
 
 def get(name: str) -> RoundingOptimizer:

@@ -22,7 +22,8 @@ def _packed_weight(rows, cols, bits, group_size, symmetric, seed=0):
     codes = P.quantize_weight(weight, scale, zero_point, bits, symmetric)
     qmin, _ = P.quant_range(bits, symmetric)
     zero_offset = P.unsigned_codes(zero_point, qmin)
-    return P.pack_codes(codes, bits, qmin), scale, zero_offset, P.dequantize_weight(codes, scale, zero_point)
+    return (P.pack_codes(codes, bits, qmin, P.container_bits(bits)), scale, zero_offset,
+            P.dequantize_weight(codes, scale, zero_point))
 
 
 @needs_kernels
