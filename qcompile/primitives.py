@@ -173,14 +173,17 @@ def weight_scale_zero_point(w: torch.Tensor, bits: int, symmetric: bool, group_s
 
 
 def search_power_exponent(w: torch.Tensor, bits: int, symmetric: bool, group_size: int, per_tensor: bool = False,
-                          observer: str = "minmax", candidates: tuple[float, ...] = POWER_EXPONENTS) -> float:
+                          observer: str = "minmax", candidates: tuple[float, ...] = POWER_EXPONENTS,
+                          gram: torch.Tensor | None = None) -> float:
     """The exponent among ``candidates`` whose power grid rounds a [rows, cols] matrix to nearest with the
-    least squared error ||w - Q(w)||^2 (NUPES's data-free search); 1.0 (uniform) wins ties."""
+    least error; 1.0 (uniform) wins ties. The error is ||w - Q(w)||^2 (NUPES's data-free search), or, given
+    the Gram matrix [cols, cols] of the layer's inputs, the layer output error tr(ΔW H ΔW^T)."""
     best, best_error = 1.0, math.inf
     for exponent in sorted(candidates, key=lambda a: a != 1.0):
         scale, zero_point = weight_scale_zero_point(w, bits, symmetric, group_size, per_tensor, observer, exponent)
         codes = quantize_weight(w, scale, zero_point, bits, symmetric, exponent)
-        error = float((dequantize_weight(codes, scale, zero_point, exponent) - w.float()).pow(2).sum())
+        delta = w.float() - dequantize_weight(codes, scale, zero_point, exponent)
+        error = float(delta.pow(2).sum() if gram is None else ((delta @ gram) * delta).sum())
         if error < best_error:
             best, best_error = float(exponent), error
     return best

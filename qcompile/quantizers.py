@@ -40,15 +40,16 @@ LEARNABLES = ("rounding", "scale", "clip")
 LEARNED_EXPONENT_RANGE = (0.1, 2.0)
 
 
-def power_exponent(matrix: torch.Tensor, spec: QuantSpec) -> float:
+def power_exponent(matrix: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None = None) -> float:
     """The grid exponent of a [rows, cols] weight matrix under ``spec``: 1.0 on the uniform grid, the
-    spec's number, or (``"search"``, and the start of ``"learned"``) the data-free search's choice."""
+    spec's number, or (``"search"``, and the start of ``"learned"``) the search's choice: on the weight
+    error (data-free), or on the layer output error when the Gram matrix [cols, cols] of its inputs is given."""
     if spec.grid == "uniform":
         return 1.0
     if isinstance(spec.exponent, float):
         return spec.exponent
     return P.search_power_exponent(matrix, spec.bits, spec.symmetric, spec.group_size,
-                                   per_tensor=spec.granularity == "tensor", observer=spec.observer)
+                                   per_tensor=spec.granularity == "tensor", observer=spec.observer, gram=gram)
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:

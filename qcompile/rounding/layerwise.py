@@ -7,6 +7,9 @@ interpreter that reads each layer's input; layers are taken in stages of layers 
 (q/k/v, gate/up), in graph order, and a stage sees the earlier stages already quantized ("true
 sequential" in GPTQ's reference implementation).
 
+A power-grid exponent that is searched is chosen here on the layer output error (the Gram matrix), not
+on the weight error: a lower weight error that moves error onto the large weights can raise the output's.
+
 Input matrices X by op: linear / matmul / addmm: the last dim of the input; conv1d/conv2d: unfolded
 patches (``F.unfold``), in the (channel, kernel) order of ``weight.reshape(out, -1)``; a grouped conv
 gets one Gram matrix per group for its rows. Embeddings (lookups), conv3d and ``padding="same"`` convs
@@ -158,7 +161,7 @@ def layerwise_params(block: Block, inputs: list[tuple], specs: Mapping[str, Quan
 def _solve(weight: torch.Tensor, layer: QuantLayer, spec: QuantSpec, gram: torch.Tensor, solver: Solver,
            options: Mapping[str, Any]) -> QuantParams:
     matrix = P.weight_matrix(weight.detach(), layer.axis).float()
-    exponent = power_exponent(matrix, spec)
+    exponent = power_exponent(matrix, spec, gram if gram.dim() == 2 else None)
     grams = gram if gram.dim() == 3 else gram.unsqueeze(0)
     rows_per_group = matrix.shape[0] // grams.shape[0]
     parts = [solver(matrix[g * rows_per_group:(g + 1) * rows_per_group], grams[g], spec, options, exponent)
