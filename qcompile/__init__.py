@@ -11,7 +11,7 @@ from . import ops  # noqa: F401 - registers the qcompile:: custom ops
 from . import rounding
 from .api import QuantizedModel, compile
 from .config import PRESETS, MixedPrecision, QuantConfig, QuantSpec
-from .errors import (CalibrationError, CaptureError, ConfigError, InvalidModelError, QCompileError,
+from .errors import (CalibrationError, CaptureError, CheckpointError, ConfigError, InvalidModelError, QCompileError,
                      SerializationError, UnsupportedOpError)
 from .format import load
 from .passes.lower_torch import dynamo_backend
@@ -25,4 +25,4 @@ __version__ = "0.1.0"
 
 __all__ = ["compile", "load", "QuantizedModel", "QuantConfig", "QuantSpec", "MixedPrecision", "PRESETS", "rounding",
            "QCompileError", "ConfigError", "CaptureError", "CalibrationError", "UnsupportedOpError",
-           "SerializationError", "InvalidModelError"]
+           "SerializationError", "InvalidModelError", "CheckpointError"]

@@ -1,6 +1,7 @@
 """compile(): runs the pass pipeline and returns a QuantizedModel."""
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from typing import Any, Iterable
@@ -10,6 +11,7 @@ from torch import fx
 
 from . import primitives as P
 from . import rounding
+from .checkpoint import RunCheckpoint, run_fingerprint
 from .config import QuantConfig, resolve_config
 from .errors import CalibrationError
 from .ir import Partition, fetch_attr, module_device, normalize_batch
@@ -72,9 +74,11 @@ class QuantizedModel(torch.nn.Module):
 
 
 def compile(model: torch.nn.Module, calib: Iterable[Any], config: QuantConfig | str = "w8a16-rtn",
-            progress: bool = True) -> QuantizedModel:
+            progress: bool = True, checkpoint_dir: str | os.PathLike | None = None) -> QuantizedModel:
     """Quantize ``model`` with ``config`` (a QuantConfig or a preset name), calibrating on ``calib``:
-    an iterable of example inputs (tensors, tuples of tensors, or dicts of keyword arguments)."""
+    an iterable of example inputs (tensors, tuples of tensors, or dicts of keyword arguments).
+    ``checkpoint_dir``: write each finished block's parameters there, and resume from them when the
+    same run is started again (``qcompile.checkpoint``)."""
     config = resolve_config(config)
     rounding.check_config(config)
     device = module_device(model)
@@ -91,7 +95,10 @@ def compile(model: torch.nn.Module, calib: Iterable[Any], config: QuantConfig | 
     allocation = None
     if config.mixed_precision is not None and partition.blocks:
         partition, allocation = allocate(gm, partition, flat, config, device)
-    result = optimize(gm, partition, flat, config, device, progress)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint = RunCheckpoint.open(checkpoint_dir, run_fingerprint(gm, partition, flat, config))
+    result = optimize(gm, partition, flat, config, device, progress, checkpoint)
     rows = _layer_rows(gm, partition, result, config)
     fold(gm, partition.layers, result.weight_params, result.activation_params)
     report = Report(method=config.method, layers=rows,

@@ -27,3 +27,7 @@ class SerializationError(QCompileError):
 
 class InvalidModelError(QCompileError):
     """The model itself cannot be quantized: NaN/Inf weights, no quantizable op at all."""
+
+
+class CheckpointError(QCompileError):
+    """A checkpoint directory belongs to another run, or its files are damaged."""
