@@ -13,7 +13,7 @@ from . import primitives as P
 from . import rounding
 from .checkpoint import RunCheckpoint, run_fingerprint
 from .config import QuantConfig, resolve_config
-from .errors import CalibrationError
+from .errors import CalibrationError, internal_errors
 from .ir import Partition, fetch_attr, module_device, normalize_batch
 from .passes.allocate import allocate
 from .passes.capture import capture, flatten_inputs
@@ -56,7 +56,8 @@ class QuantizedModel(torch.nn.Module):
         """Write an ONNX QDQ model (opset >= 21) that onnxruntime runs; returns the onnx.ModelProto.
         Batch and sequence dims are dynamic; see ``passes/lower_onnx.py`` for the layouts."""
         from .passes.lower_onnx import export_onnx
-        return export_onnx(self.graph_module, self.example_inputs, path, opset)
+        with internal_errors("the ONNX export"):
+            return export_onnx(self.graph_module, self.example_inputs, path, opset)
 
     def to_torch(self, packed: bool = True) -> fx.GraphModule:
         """A PyTorch GraphModule with the model's call signature, for the device the model is on.
@@ -65,7 +66,8 @@ class QuantizedModel(torch.nn.Module):
         holds only packed weights. packed=False: every quantized weight as a float buffer, dequantized once
         (the numerical reference). Both work under ``torch.compile`` and ``torch.export``."""
         from .passes.lower_torch import lower_dequantized, lower_packed
-        return lower_packed(self.graph_module) if packed else lower_dequantized(self.graph_module)
+        with internal_errors("the PyTorch lowering"):
+            return lower_packed(self.graph_module) if packed else lower_dequantized(self.graph_module)
 
     def save(self, path: str) -> None:
         """Write ``path``/graph.json and ``path``/tensors.safetensors (no pickle); read with ``qcompile.load``."""
@@ -81,6 +83,12 @@ def compile(model: torch.nn.Module, calib: Iterable[Any], config: QuantConfig | 
     same run is started again (``qcompile.checkpoint``)."""
     config = resolve_config(config)
     rounding.check_config(config)
+    with internal_errors(f"quantizing {type(model).__name__}"):
+        return _compile(model, calib, config, progress, checkpoint_dir)
+
+
+def _compile(model: torch.nn.Module, calib: Iterable[Any], config: QuantConfig, progress: bool,
+             checkpoint_dir: str | os.PathLike | None) -> QuantizedModel:
     device = module_device(model)
     batches = _materialize(calib, device)
     start = time.perf_counter()
@@ -91,7 +99,7 @@ def compile(model: torch.nn.Module, calib: Iterable[Any], config: QuantConfig | 
     flat = [flatten_inputs(gm, args, kwargs, index) for index, (args, kwargs) in enumerate(batches)]
     float_bytes = module_nbytes(gm)
     if not partition.blocks:
-        warnings.warn("no layer is quantized (every quantizable layer is kept float)", stacklevel=2)
+        warnings.warn("no layer is quantized (every quantizable layer is kept float)", stacklevel=3)
     allocation = None
     if config.mixed_precision is not None and partition.blocks:
         partition, allocation = allocate(gm, partition, flat, config, device)

@@ -1,4 +1,9 @@
 """The errors qcompile raises. Each names what went wrong, where (node, module path, batch) and the fix."""
+from __future__ import annotations
+
+import contextlib
+import traceback
+from pathlib import Path
 
 
 class QCompileError(Exception):
@@ -31,3 +36,27 @@ class InvalidModelError(QCompileError):
 
 class CheckpointError(QCompileError):
     """A checkpoint directory belongs to another run, or its files are damaged."""
+
+
+class InternalError(QCompileError):
+    """An unexpected failure inside qcompile's own code: a bug to report (the original error is chained)."""
+
+
+@contextlib.contextmanager
+def internal_errors(what: str):
+    """Re-raise an exception that is not a QCompileError as an InternalError naming ``what``, the qcompile
+    function it came through and the original error (chained, so its traceback stays available)."""
+    try:
+        yield
+    except QCompileError:
+        raise
+    except Exception as error:
+        package = Path(__file__).parent
+        frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+                  if Path(frame.filename).is_relative_to(package)]
+        where = f" in {Path(frames[-1].filename).relative_to(package.parent)}:{frames[-1].lineno} ({frames[-1].name})" \
+            if frames else ""
+        message = (str(error).strip().splitlines() or [""])[0][:300]
+        raise InternalError(f"{what} failed{where} with {type(error).__name__}: {message}. This is a bug in qcompile "
+                            "(or torch), not in the model or the config: please report it with the model's class and "
+                            "the config; the original error is chained below") from error

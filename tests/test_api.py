@@ -145,3 +145,16 @@ def test_compile_on_cuda(name):
     qm = qcompile.compile(model, batches, "w8a8-rtn", progress=False)
     assert all(t.device.type == "cuda" for t in qm.graph_module.buffers())
     assert relative_error(call(model, batches[0]), call(qm, batches[0])) < 1e-2
+
+
+def test_an_unexpected_failure_inside_a_pass_is_a_named_internal_error(monkeypatch):
+    from qcompile.errors import InternalError
+    from qcompile.rounding import layerwise
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape mismatch deep inside torch")
+    monkeypatch.setattr(layerwise, "_input_rows", broken)
+    with pytest.raises(InternalError, match=r"quantizing UserNet failed in qcompile/rounding/layerwise.py:\d+ "
+                                            r"\(run_node\) with RuntimeError: shape mismatch") as caught:
+        qcompile.compile(user_net(), [torch.randn(2, 3, 16, 16)], "w4a16-gptq", progress=False)
+    assert isinstance(caught.value.__cause__, RuntimeError)

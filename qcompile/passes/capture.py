@@ -69,8 +69,9 @@ def inference_settings(model: torch.nn.Module):
             config.use_cache = use_cache
 
 
-def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict | None:
-    """Dim.AUTO for every dim (of size > 1) of every tensor input, keyed by forward's parameter names."""
+def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, dims: str = "all") -> dict | None:
+    """Dim.AUTO for every dim (of size > 1) of every tensor input, keyed by forward's parameter names;
+    ``dims="batch"``: for the leading dim only."""
     signature = inspect.signature(model.forward)
     try:
         bound = signature.bind(*args, **kwargs)
@@ -81,7 +82,8 @@ def dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict | 
            for name in bound.arguments):
         return None
     # size-1 dims are specialised by export anyway (0/1 specialisation): leave them static, silently
-    auto = lambda t: {i: Dim.AUTO for i in range(t.dim()) if t.shape[i] > 1} if isinstance(t, torch.Tensor) else None  # noqa: E731
+    dynamic = lambda t: range(t.dim()) if dims == "all" else range(min(t.dim(), 1))  # noqa: E731
+    auto = lambda t: {i: Dim.AUTO for i in dynamic(t) if t.shape[i] > 1} if isinstance(t, torch.Tensor) else None  # noqa: E731
     return {name: pytree.tree_map(auto, value) for name, value in bound.arguments.items()}
 
 

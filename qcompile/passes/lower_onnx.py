@@ -86,20 +86,61 @@ def export_onnx(gm: fx.GraphModule, example: tuple[tuple, dict], path: str | os.
     if opset < 21:
         raise UnsupportedOpError(f"opset {opset}: qcompile's blocked int4 DequantizeLinear needs opset >= 21")
     view, narrow = onnx_view(gm)
-    args, kwargs = example
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(view, args, kwargs=kwargs, dynamo=True, opset_version=opset,
-                                    custom_translation_table=TRANSLATIONS,
-                                    dynamic_shapes=dynamic_shapes(view, args, kwargs), optimize=True,
-                                    verbose=False, report=False)
-    model = program.model_proto
+    model = _export_program(view, *example, opset).model_proto
     for node in model.graph.node:  # the exporter's stack traces and FX dumps: ~0.5 MiB on a ViT-tiny
         del node.metadata_props[:]
     _narrow_to_int4(model, narrow)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, os.fspath(path))
     return model
+
+
+def _export_program(view: fx.GraphModule, args: tuple, kwargs: dict, opset: int):
+    """torch's dynamo ONNX export of the view with every input dim of size > 1 dynamic; when the model's shape
+    arithmetic defeats that (e.g. a spatial size that must stay divisible by 4), with the batch dim only, then
+    static (warned). UnsupportedOpError with each attempt's reason when all fail."""
+    failures = []
+    for dims in ("all", "batch", None):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(
+                    view, args, kwargs=kwargs, dynamo=True, opset_version=opset, custom_translation_table=TRANSLATIONS,
+                    dynamic_shapes=dynamic_shapes(view, args, kwargs, dims) if dims else None, optimize=True,
+                    verbose=False, report=False)
+        except Exception as error:  # noqa: BLE001 - the exporter raises many types; each attempt is reported
+            failures.append(f"{dims or 'static'} shapes: {type(error).__name__}: {_summary(error)}")
+            continue
+        if failures:
+            warnings.warn(f"ONNX export with {'only the batch dim' if dims else 'no'} dynamic input dims "
+                          f"(the others failed: {'; '.join(failures)})", stacklevel=3)
+        return program
+    raise UnsupportedOpError("torch's ONNX exporter could not export the quantized graph: " + " | ".join(failures))
+
+
+def _summary(error: Exception) -> str:
+    """The exporter's own one-line reason: its exception summary when it gives one, else the first line."""
+    text = str(error)
+    marker = "## Exception summary"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("(Refer")]
+    return " ".join(lines)[:300]
+
+
+# The exporter re-traces the graph, then decomposes it: a reshape of a transposed attention output is traced
+# as a view where the attention op's meta strides allow it, and fails once attention is decomposed with other
+# strides (T5, BEiT); a contiguous() that was a no-op on the first strides is dropped the same way. So every
+# reshape reads a contiguous clone, which survives both (ONNX has no strides: it becomes an Identity that the
+# exporter's optimizer removes).
+RESHAPES = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default)
+
+
+def _read_contiguous(graph: fx.Graph, node: fx.Node) -> None:
+    with graph.inserting_before(node):
+        dense = graph.call_function(torch.ops.aten.clone.default, (node.args[0],),
+                                    {"memory_format": torch.contiguous_format})
+    node.target, node.args = torch.ops.aten.reshape.default, (dense, *node.args[1:])
 
 
 def onnx_view(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, bool]]:
@@ -115,6 +156,8 @@ def onnx_view(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, bool]]:
                 (0, 255), (-128, 127)):
             raise UnsupportedOpError(f"activation quantized to [{node.args[3]}, {node.args[4]}] at "
                                      f"{node.meta.get(META_MODULE_PATH)!r}: ONNX export supports 8-bit activations")
+        if node.op == "call_function" and node.target in RESHAPES:
+            _read_contiguous(view.graph, node)
     view.graph.eliminate_dead_code()
     drop_unread_tensors(view)
     view.graph.lint()
