@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import QuantConfig
 from .errors import CheckpointError
+from .format import file_sha256
 from .ir import ActivationParams, Partition, QuantParams
 
 FORMAT = "qcompile.checkpoint"
@@ -62,14 +63,6 @@ def _atomic_write(path: Path, write) -> None:
     with open(temporary, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class RunCheckpoint:
@@ -107,7 +100,7 @@ class RunCheckpoint:
         if entry is None:
             return None
         path = self.directory / entry["file"]
-        if not path.exists() or _sha256(path) != entry["sha256"]:
+        if not path.exists() or file_sha256(path) != entry["sha256"]:
             raise CheckpointError(f"checkpoint file {str(path)!r} of block {block_name!r} is missing or does not match "
                                   "its checksum (truncated or modified); delete the checkpoint_dir to start over")
         tensors = load_file(str(path), device=str(device))
@@ -134,7 +127,7 @@ class RunCheckpoint:
         path = self.directory / f"block_{block_index:05d}.safetensors"
         _atomic_write(path, lambda temporary: save_file(tensors, str(temporary)))
         self.blocks[block_name] = {
-            "index": block_index, "file": path.name, "sha256": _sha256(path),
+            "index": block_index, "file": path.name, "sha256": file_sha256(path),
             "weights": {t: {f: list(getattr(p, f)) if f == "shape" else getattr(p, f) for f in _WEIGHT_FIELDS}
                         for t, p in weights.items()},
             "activations": {n: {"bits": p.bits, "symmetric": p.symmetric} for n, p in activations.items()}}

@@ -76,7 +76,7 @@ def save(model, path: str | os.PathLike) -> None:
         "codegen": _encode_codegen(gm.graph),
         "nodes": [_encode_node(node) for node in gm.graph.nodes],
         "tensors": table,
-        "tensors_sha256": _sha256(tensors_path),
+        "tensors_sha256": file_sha256(tensors_path),
         "example_inputs": example,
         "config": model.config.to_dict(),
         "report": model.report().to_dict(),
@@ -103,7 +103,7 @@ def load(path: str | os.PathLike):
     if document.get("format_version") != FORMAT_VERSION:
         raise SerializationError(f"{graph_path} has format version {document.get('format_version')!r}; this "
                                  f"qcompile reads version {FORMAT_VERSION}: re-save it with a matching qcompile")
-    if _sha256(tensors_path) != document.get("tensors_sha256"):
+    if file_sha256(tensors_path) != document.get("tensors_sha256"):
         raise SerializationError(f"{tensors_path} does not match the checksum in {GRAPH_FILE}: the file was "
                                  "truncated or modified; re-save the model")
     try:
@@ -119,7 +119,8 @@ def load(path: str | os.PathLike):
     return QuantizedModel(gm, config, report, example)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -198,11 +198,6 @@ def _float_outputs(outputs: Any) -> list[torch.Tensor]:
             if isinstance(value, torch.Tensor) and value.is_floating_point()]
 
 
-def _errors(candidates: dict[str, dict[int, QuantParams]], gm: fx.GraphModule) -> dict[str, dict[int, torch.Tensor]]:
-    return {t: {b: fetch_attr(gm, t).detach().float() - params.dequantize().to(fetch_attr(gm, t).device)
-                for b, params in by_bits.items()} for t, by_bits in candidates.items()}
-
-
 def _fisher_scores(gm, layers, free, candidates, batches, device) -> dict[str, dict[int, float]]:
     flat = _flat_module(gm)
     fisher = {t: torch.zeros_like(fetch_attr(gm, t), dtype=torch.float32) for t in free}
@@ -222,38 +217,39 @@ def _fisher_scores(gm, layers, free, candidates, batches, device) -> dict[str, d
             for target, grad in zip(params, grads):
                 if grad is not None:
                     fisher[target] += grad.detach().float().pow(2)
-    errors = _errors(candidates, gm)
-    return {t: {b: 0.5 * float((fisher[t] * error.pow(2)).sum()) / (len(batches) * FISHER_DRAWS)
-                for b, error in errors[t].items()} for t in free}
+    def score(target: str, params: QuantParams) -> float:
+        weight = fetch_attr(gm, target).detach().float()
+        error = weight - params.dequantize().to(weight.device)
+        return 0.5 * float((fisher[target] * error.pow(2)).sum()) / (len(batches) * FISHER_DRAWS)
+    return {t: {b: score(t, params) for b, params in by_bits.items()} for t, by_bits in candidates.items()}
 
 
 class _LayerOutputError(fx.Interpreter):
     """Runs the float model; at each layer reading a weight of ``weights``, re-runs its op with every
     candidate weight and adds up the squared difference of the outputs (per weight: over all its readers)."""
 
-    def __init__(self, gm: fx.GraphModule, layers: list[QuantLayer], weights: dict[str, dict[int, torch.Tensor]]):
+    def __init__(self, gm: fx.GraphModule, layers: list[QuantLayer], candidates: dict[str, dict[int, QuantParams]]):
         super().__init__(gm)
-        self.layers = {layer.node: layer for layer in layers if layer.weight in weights}
-        self.weights = weights
-        self.scores = {t: {b: 0.0 for b in by_bits} for t, by_bits in weights.items()}
+        self.layers = {layer.node: layer for layer in layers if layer.weight in candidates}
+        self.candidates = candidates
+        self.scores = {t: {b: 0.0 for b in by_bits} for t, by_bits in candidates.items()}
 
     def run_node(self, node: fx.Node):
         result = super().run_node(node)
         layer = self.layers.get(node.name)
         if layer is not None and node.op == "call_function":
             args, kwargs = self.fetch_args_kwargs_from_env(node)
-            for bits, weight in self.weights[layer.weight].items():
+            for bits, params in self.candidates[layer.weight].items():
                 args = list(args)
-                args[layer.weight_index] = weight.to(args[layer.weight_index].dtype)
+                weight = args[layer.weight_index]
+                args[layer.weight_index] = params.dequantize().to(weight.device, weight.dtype)
                 changed = node.target(*args, **kwargs)
                 self.scores[layer.weight][bits] += float((changed.float() - result.float()).pow(2).sum())
         return result
 
 
 def _hessian_scores(gm, layers, free, candidates, batches, device) -> dict[str, dict[int, float]]:
-    weights = {t: {b: params.dequantize().to(fetch_attr(gm, t).device) for b, params in by_bits.items()}
-               for t, by_bits in candidates.items()}
-    interpreter = _LayerOutputError(gm, [layer for layer in layers if layer.quantized], weights)
+    interpreter = _LayerOutputError(gm, [layer for layer in layers if layer.quantized], candidates)
     with torch.no_grad():
         for batch in batches:
             interpreter.run(*values_to(batch, device))

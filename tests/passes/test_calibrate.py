@@ -47,6 +47,10 @@ def test_empty_calibration_is_an_error():
         qcompile.compile(user_net(), [], "w8a16-rtn", progress=False)
     with pytest.raises(CalibrationError, match="calib is empty"):
         qcompile.compile(user_net(), iter([]), "w8a16-rtn", progress=False)
+    batches = (torch.randn(2, 3, 16, 16) for _ in range(2))
+    list(batches)  # a generator used up by an earlier loop
+    with pytest.raises(CalibrationError, match="exhausted iterator"):
+        qcompile.compile(user_net(), batches, "w8a16-rtn", progress=False)
     with pytest.raises(CalibrationError, match="not a single Tensor"):
         qcompile.compile(user_net(), torch.randn(2, 3, 16, 16), "w8a16-rtn", progress=False)
     with pytest.raises(CalibrationError, match="batch 1"):

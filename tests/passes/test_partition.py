@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import fx
 
+import qcompile
 from qcompile import QuantConfig, QuantSpec
 from qcompile.errors import ConfigError, InvalidModelError
 from qcompile.ir import normalize_batch
@@ -138,3 +139,43 @@ def test_embeddings_stay_float_unless_an_override_names_them():
     config = QuantConfig(weight=QuantSpec(bits=4), overrides={"model.embed_tokens": QuantSpec(bits=8)})
     layers = {layer.module_path: layer for layer in partition(gm, config).layers}
     assert layers["model.embed_tokens"].spec.bits == 8
+
+
+def test_inf_weights_are_an_error():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    with torch.no_grad():
+        model[0].weight[1, 2] = float("inf")
+    with pytest.raises(InvalidModelError, match="'0.weight'.*NaN or Inf"):
+        qcompile.compile(model, [torch.randn(2, 3)], progress=False)
+
+
+class IntegerLookup(torch.nn.Module):
+    """Integer tensors only: an index table and integer arithmetic."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.arange(10) * 3)
+
+    def forward(self, x):
+        return self.table[x] * 2 + x
+
+
+class IntegerMatmul(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randint(-5, 5, (4, 3)), requires_grad=False)
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+def test_integer_only_models_are_refused_or_kept_float():
+    with pytest.raises(InvalidModelError, match="no quantizable op"):
+        qcompile.compile(IntegerLookup(), [torch.randint(0, 10, (2, 5))], progress=False)
+    model = IntegerMatmul()
+    with pytest.warns(UserWarning, match="no layer is quantized"):
+        qm = qcompile.compile(model, [torch.randint(0, 10, (2, 4))], progress=False)
+    row, = qm.report().layers
+    assert row.status == "float: its weight is not a floating-point tensor"
+    x = torch.randint(0, 10, (3, 4))
+    assert torch.equal(qm(x), model(x))
