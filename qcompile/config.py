@@ -218,7 +218,8 @@ class QuantConfig:
             method_options=data.get("method_options", {}),
             granularity=data.get("granularity", "block"),
             overrides={k: None if v is None else QuantSpec(**v) for k, v in data.get("overrides", {}).items()},
-            mixed_precision=None if mixed is None else MixedPrecision(**{**mixed, "candidates": tuple(mixed["candidates"])}),
+            mixed_precision=None if mixed is None else MixedPrecision(
+                **{**mixed, "candidates": tuple(mixed["candidates"])}),
             seed=data.get("seed", 0),
         )
 

@@ -113,7 +113,8 @@ def packed_linear(x: torch.Tensor, packed_codes: torch.Tensor, scale: torch.Tens
                   bits: int, group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [..., K] -> [..., N] in x's dtype: x @ W^T (+ bias) where W [N, K] = (u - zero_offset) * scale,
     u the unsigned codes that ``packed_codes`` holds in ``container_bits(bits)``-wide fields (uint8
-    [N, ceil(K / per_byte)], ``primitives.pack_codes(..., width=container_bits(bits))``); scale float32 / zero_offset uint8 [N | 1, K / group_size]. On CPU the fused kernel reads the
+    [N, ceil(K / per_byte)], ``primitives.pack_codes(..., width=container_bits(bits))``); scale float32 /
+    zero_offset uint8 [N | 1, K / group_size]. On CPU the fused kernel reads the
     packed bytes once (kernels/packed_linear_cpu.cpp); elsewhere, or for group sizes the kernel does not
     tile, the weight is dequantized for the call."""
     width = P.container_bits(bits)

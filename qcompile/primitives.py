@@ -242,7 +242,6 @@ def pack_codes(codes: torch.Tensor, bits: int, qmin: int, width: int | None = No
     width = width or bits
     unsigned = unsigned_codes(codes, qmin)
     rows, cols = unsigned.shape
-    nbytes = -(-cols * width // 8)
     if 8 % width == 0:  # fields within bytes: shift-or per field position
         per_byte = 8 // width
         fields = torch.nn.functional.pad(unsigned, (0, (-cols) % per_byte)).reshape(rows, -1, per_byte)
@@ -253,7 +252,7 @@ def pack_codes(codes: torch.Tensor, bits: int, qmin: int, width: int | None = No
     groups = torch.nn.functional.pad(unsigned, (0, (-cols) % 8)).reshape(rows, -1, 8).to(torch.int64)
     word = sum(groups[..., j] << (j * width) for j in range(8))  # 8 codes = `width` bytes
     stream = torch.stack([(word >> (8 * k)) & 0xFF for k in range(width)], dim=-1).to(torch.uint8)
-    return stream.reshape(rows, -1)[:, :nbytes].contiguous()
+    return stream.reshape(rows, -1)[:, :-(-cols * width // 8)].contiguous()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, qmin: int, cols: int, width: int | None = None) -> torch.Tensor:

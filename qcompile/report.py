@@ -66,7 +66,8 @@ class Report:
         for row in self.layers:
             fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
             lines.append(f"{row.path[-44:]:<44} {row.op:<7} {fmt(row.bits, 'd'):>4} {fmt(row.group_size, 'd'):>5} "
-                         f"{fmt(row.exponent, '.2f'):>6} {fmt(row.activation_bits, 'd'):>6} {fmt(row.weight_error_rtn, '.2e'):>9} "
+                         f"{fmt(row.exponent, '.2f'):>6} {fmt(row.activation_bits, 'd'):>6} "
+                         f"{fmt(row.weight_error_rtn, '.2e'):>9} "
                          f"{fmt(row.weight_error, '.2e'):>9} {row.bytes:>10}  {row.status}")
         lines.append("")
         lines.append(f"{'block':<44} {'layers':>6} {'output err':>10} {'seconds':>8}")
@@ -78,8 +79,8 @@ class Report:
                      f"{self.capture_seconds:.1f}s, quantization {self.quantize_seconds:.1f}s")
         if self.mixed_precision is not None:
             mixed = self.mixed_precision
-            lines.append(f"mixed precision ({mixed['score']} scores): {mixed['achieved_bits']:.3f} bits per weight for a "
-                         f"target of {mixed['target_bits']:.3f} ({mixed['used_bytes']} of {mixed['budget_bytes']} bytes"
+            lines.append(f"mixed precision ({mixed['score']} scores): {mixed['achieved_bits']:.3f} bits per weight "
+                         f"for a target of {mixed['target_bits']:.3f} ({mixed['used_bytes']} of {mixed['budget_bytes']} bytes"
                          f"{'' if mixed['exact'] else '; optimal within ' + str(mixed['slack_bytes']) + ' bytes'})")
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)

@@ -164,7 +164,8 @@ def allocate(gm: fx.GraphModule, partition: Partition, batches: list[list[Any]],
         if target in free:
             bits = chosen[target]
             nbytes = candidates[target][bits].nbytes()
-            detail = {b: {"bytes": candidates[target][b].nbytes(), "score": scores[target][b]} for b in mixed.candidates}
+            detail = {b: {"bytes": candidates[target][b].nbytes(), "score": scores[target][b]}
+                      for b in mixed.candidates}
         else:
             bits, nbytes, detail = layer.spec.bits, pinned[target], None
         rows.append(LayerAllocation(target, layer.module_path, bits, elements[target], nbytes, detail))

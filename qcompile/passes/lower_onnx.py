@@ -234,14 +234,11 @@ def _register_onnx_tensors(view: fx.GraphModule, node: fx.Node, params: QuantPar
 
 
 def _from_power_domain(view: fx.GraphModule, value: fx.Node, exponent: float) -> fx.Node:
-    """A power-grid weight's inverse map after its dequantization: Sign(y) * Pow(Abs(y), 1 / exponent)
-    (nothing for the uniform grid)."""
+    """A power-grid weight's inverse map after its dequantization, ``primitives.from_power_domain`` (the
+    exporter traces it to Sign, Abs, Pow, Mul); nothing for the uniform grid."""
     if exponent == 1.0:
         return value
-    aten = torch.ops.aten
-    magnitude = view.graph.call_function(aten.pow.Tensor_Scalar, (
-        view.graph.call_function(aten.abs.default, (value,)), 1.0 / exponent))
-    return view.graph.call_function(aten.mul.Tensor, (view.graph.call_function(aten.sign.default, (value,)), magnitude))
+    return view.graph.call_function(P.from_power_domain, (value, exponent))
 
 
 def _cast(view: fx.GraphModule, value: fx.Node, dtype: torch.dtype) -> fx.Node:

@@ -13,7 +13,8 @@
   that share the row's scale); other CUDA weights take packed_linear's dequantize-then-matmul path.
 
 Convolutions, embeddings, power-grid weights and other readers keep their ``qcompile::dequantize_weight``
-(dequantize, then the float op). The module holds only packed tensors: the codes, one scale and one zero offset per group.
+(dequantize, then the float op). The module holds only packed tensors: the codes, one scale and one zero
+offset per group.
 
 ``lower_dequantized`` is the reference: every dequantize node replaced by its float weight, computed once.
 Both return new GraphModules that share the unchanged tensors with the folded graph and work with
