@@ -26,13 +26,8 @@ import torch
 import qcompile
 from qcompile import QuantConfig, QuantSpec
 
-from .common import median_ms, write_results
-
-
-def file_size(path: Path) -> int:
-    """Bytes of an ONNX model and its external data file, if any."""
-    data = Path(f"{path}.data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+from .common import export_fp32, feeds_of, file_size, median_ms, write_results
+from .peers import ort_matmul_nbits, ort_quantize_static
 
 
 def latency_ms(path: Path, feeds: dict, repeats: int) -> float:
@@ -46,40 +41,6 @@ def output(path: Path, feeds: dict) -> np.ndarray:
 
 def rms_relative(reference: np.ndarray, value: np.ndarray) -> float:
     return float(np.sqrt(((reference - value) ** 2).mean() / (reference ** 2).mean()))
-
-
-def export_fp32(model, example, path: Path) -> None:
-    args, kwargs = example
-    dynamic = qcompile.passes.capture.dynamic_shapes(model, args, kwargs)
-    with warnings.catch_warnings(), qcompile.passes.capture.inference_settings(model):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, str(path), kwargs=kwargs, dynamo=True, opset_version=21,
-                          dynamic_shapes=dynamic, verbose=False, report=False)
-
-
-def ort_quantize_static(fp32: Path, out: Path, calib_feeds: list[dict]) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(calib_feeds)
-
-        def get_next(self):
-            return next(self.batches, None)
-    prepared = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(prepared))
-    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-
-
-def ort_matmul_nbits(fp32: Path, out: Path, block_size: int) -> None:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), algo_config=config)
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
 
 
 def vision(name: str, quick: bool):
@@ -106,12 +67,6 @@ def llama(quick: bool):
     shapes = {"decode (1 token)": {"input_ids": torch.randint(32000, (1, 1), generator=generator)},
               "prefill (128)": {"input_ids": torch.randint(32000, (1, 128), generator=generator)}}
     return model, calib, shapes
-
-
-def feeds_of(batch, names):
-    if isinstance(batch, dict):
-        return {k: v.numpy() for k, v in batch.items() if k in names}
-    return {names[0]: batch.numpy()}
 
 
 def bench_model(name, model, calib, shapes, configs, peers, workdir: Path, repeats: int) -> list[dict]:
@@ -191,7 +146,7 @@ def main() -> None:
         g128 = QuantSpec(bits=4, group_size=128, symmetric=False)
         configs = {"w8a8": "w8a8-rtn", "w4g128": "w4g128-rtn",
                    "w4g128 + embedding": QuantConfig(weight=g128, overrides={"model.embed_tokens": g128})}
-        peers = {"ort MatMulNBits rtn g128": lambda fp32, out, feeds: ort_matmul_nbits(fp32, out, 128)}
+        peers = {"ort MatMulNBits rtn g128": lambda fp32, out, feeds: ort_matmul_nbits(fp32, out, 4, 128)}
         rows = bench_model("llama-4L", model, calib, shapes, configs, peers, workdir, repeats)
         print_rows(rows)
         results += rows

@@ -12,7 +12,7 @@ digits; calibration 256 training digits in batches of 32) and the Shakespeare Ll
 perplexity on 256 held-out windows of 128 tokens; calibration 128 training windows in batches of 8).
 Schemes: W4 and W3 per channel, W2 with groups (32 for DigitNet, whose stem keeps per channel: its 9
 inputs; 128 for the LM), asymmetric. Columns: metric, mean block output error (report), quantization
-wall time, peak CUDA memory allocated during quantization (GPU runs only).
+wall time, peak memory added during quantization (CUDA allocator on GPU, resident set on CPU).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 import qcompile
 from qcompile import QuantConfig, QuantSpec
 
-from .common import write_results
+from .common import PeakMemory, write_results
 
 METHODS = ("rtn", "gptq", "comq", "adaround", "brecq", "signround")
 
@@ -64,25 +64,6 @@ def shakespeare(quick: bool, device: torch.device):
 
 
 MODELS = {"digitnet": ("DigitNet (MNIST)", digitnet), "shakespeare": ("Shakespeare Llama", shakespeare)}
-
-
-class PeakMemory:
-    """Peak CUDA memory allocated while the ``with`` body runs, above what was allocated before; None
-    on CPU (the process RSS does not shrink when tensors are freed, so it cannot say this per run)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
-        return False
 
 
 def quantize(model, calib, config: QuantConfig) -> tuple[qcompile.QuantizedModel, float, int]:

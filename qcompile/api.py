@@ -37,7 +37,25 @@ class QuantizedModel(torch.nn.Module):
         self._report = report
 
     def forward(self, *args, **kwargs):
+        if kwargs.keys() - self.example_inputs[1].keys():
+            args, kwargs = self._as_captured(args, kwargs)
         return self.graph_module(*args, **kwargs)
+
+    def _as_captured(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Inputs given by keyword that the model was captured with positionally (``qm(x=...)`` after
+        calibrating on plain tensors), moved to their positions; the names are the graph's placeholders."""
+        captured_args = self.example_inputs[0]
+        if not all(isinstance(a, torch.Tensor) for a in captured_args):
+            return args, kwargs
+        names = [node.target for node in self.graph_module.graph.find_nodes(op="placeholder")][:len(captured_args)]
+        kwargs = dict(kwargs)
+        moved = [kwargs.pop(name) for name in names[len(args):] if name in kwargs]
+        unknown = kwargs.keys() - self.example_inputs[1].keys()
+        if unknown:
+            raise TypeError(f"the quantized model takes the inputs it was calibrated with ({', '.join(names)}"
+                            f"{', ' if self.example_inputs[1] else ''}{', '.join(self.example_inputs[1])}); "
+                            f"unexpected keyword inputs {sorted(unknown)}")
+        return (*args, *moved), kwargs
 
     def report(self) -> Report:
         """Per-layer bits, group size, weight error (nearest rounding vs the method), bytes; per-block

@@ -1,4 +1,5 @@
 """compile() end to end on every model the spine supports."""
+import inspect
 import json
 
 import pytest
@@ -61,6 +62,16 @@ def test_save_load_round_trips_bit_exactly(quantized, name, tmp_path):
     assert str(loaded.report()) == str(qm.report())
     for target, params in qm.quant_params().items():
         assert torch.equal(loaded.quant_params()[target].weight_codes, params.weight_codes)
+
+
+def test_positional_inputs_can_be_given_by_keyword(quantized):
+    model, batches, by_preset = quantized["user_net"]
+    quantized_model, batch = by_preset["w4a16-rtn"], batches[0]
+    assert isinstance(batch, torch.Tensor)
+    name = next(iter(inspect.signature(model.forward).parameters))
+    assert torch.equal(quantized_model(**{name: batch}), quantized_model(batch))
+    with pytest.raises(TypeError, match="unexpected keyword inputs \\['images'\\]"):
+        quantized_model(images=batch)
 
 
 def test_w8a8_close_to_float():

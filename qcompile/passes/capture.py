@@ -308,7 +308,8 @@ def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict, batch_index: i
                 raise CalibrationError(f"calibration batch {batch_index} has no value for input {node.target!r}")
         return flat
     in_spec = gm.graph._codegen.pytree_info.in_spec
-    expected_keys = list(in_spec.children_specs[1].context) if in_spec.num_children == 2 else []
+    children = in_spec.children() if hasattr(in_spec, "children") else in_spec.children_specs  # renamed in torch 2.13
+    expected_keys = list(children[1].context) if len(children) == 2 else []
     if set(kwargs) != set(expected_keys):
         raise CalibrationError(f"calibration batch {batch_index} has keyword inputs {sorted(kwargs)} but the model "
                                f"was captured with {sorted(expected_keys)}; give every batch the same inputs")
