@@ -1,6 +1,7 @@
 """What every benchmark script shares: timing, peak memory, ONNX export and sessions, the JSON results file."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -66,8 +67,11 @@ def _proc_status_kib(field: str) -> int:
 
 
 def _reset_resident_peak() -> int | None:
-    """Resets VmHWM to the current resident set and returns that set in bytes; None off Linux."""
+    """Returns the heap's free pages to the system (glibc ``malloc_trim``: otherwise a run reuses pages an
+    earlier run freed and its peak reads low), resets VmHWM to the resident set and returns that set in
+    bytes; None off Linux."""
     try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
         return _proc_status_kib("VmRSS") * 1024

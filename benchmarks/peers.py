@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import copy
 import importlib.metadata
+import logging
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ def auto_round(model, tokenizer, calib: list[dict], bits: int, group_size: int, 
     calibrated on the same windows as qcompile (``calib``: batches of ``{"input_ids": [b, seq]}``). Returns
     auto-round's in-memory result, the model with fake-quantized weights, cast from its bf16 to float32."""
     from auto_round import AutoRound
+    logging.getLogger("autoround").setLevel(logging.ERROR)   # its import sets INFO: a line per block and step
     windows = [row.unsqueeze(0) for batch in calib for row in batch["input_ids"]]
     rounder = AutoRound(copy.deepcopy(model), tokenizer, bits=bits, group_size=group_size, sym=False, iters=iters,
                         nsamples=len(windows), seqlen=windows[0].shape[-1], dataset=windows, batch_size=batch_size,
@@ -51,6 +53,9 @@ class _Reader:
 
     def rewind(self):
         self.batches = iter(self.feeds)
+
+    def __iter__(self):                     # the GPTQ path of MatMulNBitsQuantizer iterates the reader
+        return iter(self.feeds)
 
 
 def ort_quantize_static(fp32: Path, out: Path, calib_feeds: list[dict], method: str = "MinMax",
@@ -86,10 +91,22 @@ def ort_matmul_nbits(fp32: Path, out: Path, bits: int, block_size: int, algorith
         config = nbits.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
     else:
         raise ValueError(f"unknown MatMulNBits algorithm {algorithm!r}")
-    quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_exclude=excluded, algo_config=config,
-                                           block_size=block_size, is_symmetric=False, bits=bits)
+    quantizer = _matmul_nbits_quantizer()(model, nodes_to_exclude=excluded, algo_config=config,
+                                          block_size=block_size, is_symmetric=False, bits=bits)
     quantizer.process()
     quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+
+
+def _matmul_nbits_quantizer():
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    class Quantizer(MatMulNBitsQuantizer):
+        """onnxruntime's quantizer with ``nodes_to_exclude`` honoured by its GPTQ path too: that path builds
+        its per-node config without them (its RTN path marks them ``"fp32"``, which the GPTQ code skips)."""
+
+        def _generate_q4_node_config(self):
+            return {**super()._generate_q4_node_config(), **{name: "fp32" for name in self.nodes_to_exclude}}
+    return Quantizer
 
 
 def module_scopes(node) -> list[str]:

@@ -7,7 +7,7 @@ Models, schemes and peers: ``benchmarks/suites.py``. One table per model: rows f
 method x scheme; columns task metric, delta vs float, quantization wall time, peak memory added while
 quantizing (resident set; see ``common.PeakMemory``), size (ONNX file, or the tensors of a torch model),
 onnxruntime latency and packed-PyTorch latency (median, 2 threads on the CI machine). A peer that fails is a
-row with its error. Writes ``<out>/benchmarks.json`` (rows of models not re-run are kept), ``<out>/benchmarks.md``
+row with its error (a qcompile failure too). Writes ``<out>/benchmarks.json`` (rows of models not re-run are kept), ``<out>/benchmarks.md``
 (the tables) and ``<out>/bench_<model>.png`` (metric vs weight bits, metric vs quantization time).
 
 ``--quick`` (CI smoke test, a few minutes on 2 cores): four models (MNIST CNN, digits ViT, P-Net, the LM),
@@ -91,7 +91,7 @@ def peer_row(subject: Subject, peer, fp32: Path, feeds: list, workdir: Path, rep
             artefact = peer.run(fp32, workdir, feeds)
             row["quantize_s"] = time.perf_counter() - start
     except Exception as error:  # noqa: BLE001 - a peer that fails is a row with its error, not the end of the run
-        row["error"] = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+        row["error"] = _error_text(error)
         return row
     row["peak_mib"] = memory.peak / 2 ** 20 if memory.peak is not None else None
     row["artefact"] = "onnx" if isinstance(artefact, Path) else "fake-quant torch" if peer.fake_quant else "torch"
@@ -104,7 +104,7 @@ def peer_row(subject: Subject, peer, fp32: Path, feeds: list, workdir: Path, rep
     return judge(subject, artefact, row)
 
 
-def bench(subject: Subject, quick: bool, workdir: Path) -> list[dict]:
+def bench(subject: Subject, quick: bool, workdir: Path, only: str | None = None) -> list[dict]:
     repeats = 5 if quick else 20
     fp32 = workdir / f"{subject.name}-fp32.onnx"
     args, kwargs = qcompile.ir.normalize_batch(subject.calib[0])
@@ -128,18 +128,44 @@ def bench(subject: Subject, quick: bool, workdir: Path) -> list[dict]:
     add(rows[0])
     schemes = list(subject.schemes)[:2] if quick else list(subject.schemes)
     seen_tools = set()
+    picked = lambda tool, method, scheme: only is None or only in f"{tool} {method} {scheme}"  # noqa: E731
     for peer in subject.peers:
-        if peer.scheme not in schemes or (quick and peer.tool in seen_tools):
+        if peer.scheme not in schemes or (quick and peer.tool in seen_tools) or not picked(*_key(peer)):
             continue
         seen_tools.add(peer.tool)
         add(peer_row(subject, peer, fp32, feeds, workdir, repeats))
     for label in schemes:
         for method in subject.schemes[label].methods:
-            if quick and method not in QUICK_METHODS:
+            if (quick and method not in QUICK_METHODS) or not picked("qcompile", method, label):
                 continue
-            add(qcompile_row(subject, label, method, quick, workdir, repeats))
+            try:
+                add(qcompile_row(subject, label, method, quick, workdir, repeats))
+            except Exception as error:  # noqa: BLE001 - our failure is a row of the table too, never skipped
+                add({"tool": f"qcompile {qcompile.__version__}", "method": method, "scheme": label,
+                     "bits": subject.schemes[label].bits, "error": _error_text(error)})
     print()
     return rows
+
+
+def _error_text(error: Exception) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+
+
+def _key(row) -> tuple[str, str, str]:
+    """What a row measures: (tool, method, scheme), for a row dict or a Peer."""
+    get = row.get if isinstance(row, dict) else lambda name: getattr(row, name)
+    return get("tool"), get("method"), get("scheme")
+
+
+def merge(old: list[dict], new: list[dict], rerun: list[str], partial: bool) -> list[dict]:
+    """The stored rows with the re-measured ones in place: a model re-run whole replaces all its rows; with
+    ``partial`` (``--only``) a new row replaces the stored row of the same model and (tool, method, scheme)
+    where there is one and joins its model's rows otherwise. Rows are ordered by model as in SUBJECTS."""
+    kept = [row for row in old if partial or row["model"] not in rerun]
+    fresh = {(row["model"], *_key(row)): row for row in new}
+    rows = [fresh.pop((row["model"], *_key(row)), row) for row in kept]
+    order = list(SUBJECTS)
+    return sorted(rows + list(fresh.values()), key=lambda row: order.index(row["model"]))
 
 
 def _cell(value, digits: int = 2) -> str:
@@ -194,11 +220,11 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    done = [row for row in rows if "metric" in row and row["tool"] != "float" and math.isfinite(row["metric"])]
+    done = [row for row in rows if row["tool"] != "float" and _finite(row.get("metric")) is not None]
     figure, (by_bits, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     float_row = rows[0]
     for axis in (by_bits, by_time):
-        if math.isfinite(float_row["metric"]):
+        if _finite(float_row.get("metric")) is not None:
             axis.axhline(float_row["metric"], color="black", linestyle=":", label="float")
         axis.set_ylabel(float_row["metric_name"])
     ours = [row for row in done if row["tool"].startswith("qcompile")]
@@ -230,29 +256,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", help=f"comma-separated, of {list(SUBJECTS)}")
     parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--only", help="re-run only the rows whose 'tool method scheme' contains this text "
+                        "(e.g. 'MatMulNBits gptq'), keeping the stored rest")
     args = parser.parse_args()
     names = args.models.split(",") if args.models else list(QUICK_MODELS if args.quick else SUBJECTS)
     unknown = sorted(set(names) - set(SUBJECTS))
     if unknown:
         parser.error(f"unknown models {unknown}; known: {list(SUBJECTS)}")
     torch.manual_seed(0)
-    for name in ("onnx_ir", "autoround"):   # auto-round's handlers would print every INFO line of both
-        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)   # under auto-round's root handler it prints INFO
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"benchmarks{'_quick' if args.quick else ''}.json"
-    kept = []
-    if json_path.exists():
-        kept = [row for row in json.loads(json_path.read_text())["rows"] if row["model"] not in names]
-    rows = []
+    stored = json.loads(json_path.read_text())["rows"] if json_path.exists() else []
+    new = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            subject = SUBJECTS[name](args.quick)
-            model_rows = bench(subject, args.quick, Path(tmp))
-            plot(model_rows, out / f"bench_{name}{'_quick' if args.quick else ''}.png")
-            rows += model_rows
-    order = list(SUBJECTS)
-    rows = sorted(kept + rows, key=lambda row: order.index(row["model"]))
+            new += bench(SUBJECTS[name](args.quick), args.quick, Path(tmp), args.only)
+    rows = merge(stored, new, names, partial=args.only is not None)
+    for name in names:
+        plot([row for row in rows if row["model"] == name], out / f"bench_{name}{'_quick' if args.quick else ''}.png")
     versions = ", ".join([f"torch {torch.__version__}", f"qcompile {qcompile.__version__}",
                           *(peers.version(p) for p in ("onnxruntime", "auto-round", "torchao"))])
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {_cpu_name()}, "
