@@ -229,18 +229,19 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.set_ylabel(float_row["metric_name"])
     ours = [row for row in done if row["tool"].startswith("qcompile")]
     for method in dict.fromkeys(row["method"] for row in ours):
-        points = sorted((row["bits"], row["metric"]) for row in ours if row["method"] == method)
-        by_bits.plot(*zip(*points), marker="o", label=f"qcompile {method}")
+        cell = [row for row in ours if row["method"] == method]
+        (line,) = by_bits.plot(*zip(*sorted((r["bits"], r["metric"]) for r in cell)), marker="o",
+                               label=f"qcompile {method}")
+        by_time.scatter([r["quantize_s"] for r in cell], [r["metric"] for r in cell], marker="o",
+                        color=line.get_color())
     markers = iter("sD^v<>pPX*hH")
     for (tool, method) in dict.fromkeys((row["tool"], row["method"]) for row in done if row not in ours):
         cell = [row for row in done if (row["tool"], row["method"]) == (tool, method)]
         marker = next(markers, "x")
-        by_bits.scatter([r["bits"] for r in cell], [r["metric"] for r in cell], marker=marker, s=60,
-                        label=f"{tool.split()[0]} {method}")
-        by_time.scatter([r["quantize_s"] for r in cell], [r["metric"] for r in cell], marker=marker, s=60)
-    for method in dict.fromkeys(row["method"] for row in ours):
-        cell = [row for row in ours if row["method"] == method]
-        by_time.scatter([r["quantize_s"] for r in cell], [r["metric"] for r in cell], marker="o")
+        points = by_bits.scatter([r["bits"] for r in cell], [r["metric"] for r in cell], marker=marker, s=60,
+                                 label=f"{tool.split()[0]} {method}")
+        by_time.scatter([r["quantize_s"] for r in cell], [r["metric"] for r in cell], marker=marker, s=60,
+                        color=points.get_facecolor())
     by_bits.set_xlabel("weight bits")
     by_time.set_xlabel("quantization wall time (s, log)")
     by_time.set_xscale("log")
