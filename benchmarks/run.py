@@ -61,17 +61,23 @@ def onnx_columns(path: Path, subject: Subject, repeats: int) -> dict:
     return {"size_kib": file_size(path) / 1024, "onnx_ms": median_ms(lambda: session.session.run(None, feeds), repeats)}
 
 
+def timed(run) -> tuple[object, dict]:
+    """``run()`` with warnings silenced: its result and {"quantize_s": wall seconds, "peak_mib": peak memory added}."""
+    with warnings.catch_warnings(), PeakMemory() as memory:
+        warnings.simplefilter("ignore")
+        start = time.perf_counter()
+        result = run()
+        seconds = time.perf_counter() - start
+    return result, {"quantize_s": seconds, "peak_mib": None if memory.peak is None else memory.peak / 2 ** 20}
+
+
 def qcompile_row(subject: Subject, label: str, method: str, quick: bool, workdir: Path, repeats: int) -> dict:
     scheme = subject.schemes[label]
     config = dataclasses.replace(scheme.config, method=method,
                                  method_options=QUICK_OPTIONS.get(method, {}) if quick else {})
     row = {"tool": f"qcompile {qcompile.__version__}", "method": method, "scheme": label, "bits": scheme.bits}
-    with warnings.catch_warnings(), PeakMemory() as memory:
-        warnings.simplefilter("ignore")
-        start = time.perf_counter()
-        quantized = qcompile.compile(subject.model, subject.calib, config, progress=False)
-        row["quantize_s"] = time.perf_counter() - start
-    row["peak_mib"] = memory.peak / 2 ** 20 if memory.peak is not None else None
+    quantized, cost = timed(lambda: qcompile.compile(subject.model, subject.calib, config, progress=False))
+    row.update(cost)
     path = workdir / f"{subject.name}-{label}-{method}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -85,15 +91,11 @@ def qcompile_row(subject: Subject, label: str, method: str, quick: bool, workdir
 def peer_row(subject: Subject, peer, fp32: Path, feeds: list, workdir: Path, repeats: int) -> dict:
     row = {"tool": peer.tool, "method": peer.method, "scheme": peer.scheme, "bits": peer.bits}
     try:
-        with warnings.catch_warnings(), PeakMemory() as memory:
-            warnings.simplefilter("ignore")
-            start = time.perf_counter()
-            artefact = peer.run(fp32, workdir, feeds)
-            row["quantize_s"] = time.perf_counter() - start
+        artefact, cost = timed(lambda: peer.run(fp32, workdir, feeds))
     except Exception as error:  # noqa: BLE001 - a peer that fails is a row with its error, not the end of the run
         row["error"] = _error_text(error)
         return row
-    row["peak_mib"] = memory.peak / 2 ** 20 if memory.peak is not None else None
+    row.update(cost)
     row["artefact"] = "onnx" if isinstance(artefact, Path) else "fake-quant torch" if peer.fake_quant else "torch"
     if isinstance(artefact, Path):
         row.update(onnx_columns(artefact, subject, repeats))
