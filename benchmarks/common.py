@@ -120,3 +120,18 @@ class OrtModel:
     def __call__(self, *args, **kwargs):
         values = [torch.from_numpy(v) for v in self.session.run(None, self.feeds(*args, **kwargs))]
         return values[0] if len(values) == 1 else tuple(values)
+
+
+def torch_latency_ms(model, example: tuple, repeats: int = 20) -> float:
+    """Median milliseconds of ``model(*args, **kwargs)`` under no_grad; ``example`` is (args, kwargs)."""
+    args, kwargs = example
+    with torch.no_grad():
+        return median_ms(lambda: model(*args, **kwargs), repeats)
+
+
+def onnx_size_and_latency(path: Path, example: tuple, repeats: int = 20) -> dict:
+    """{"size_kib": the file's KiB, "onnx_ms": median onnxruntime milliseconds on ``example`` (args, kwargs)}."""
+    session = OrtModel(path)
+    args, kwargs = example
+    feeds = session.feeds(*args, **kwargs)
+    return {"size_kib": file_size(path) / 1024, "onnx_ms": median_ms(lambda: session.session.run(None, feeds), repeats)}

@@ -32,7 +32,7 @@ import torch
 import qcompile
 
 from . import peers
-from .common import OrtModel, PeakMemory, export_fp32, feeds_of, file_size, median_ms
+from .common import OrtModel, PeakMemory, export_fp32, feeds_of, onnx_size_and_latency, torch_latency_ms
 from .suites import SUBJECTS, Subject
 
 QUICK_MODELS = ("mnist-resnet", "digits-vit", "pnet", "shakespeare")
@@ -41,24 +41,13 @@ QUICK_OPTIONS = {"signround": {"iters": 20}}
 COLUMNS = ("metric", "delta", "quantize_s", "peak_mib", "size_kib", "onnx_ms", "torch_ms")
 
 
-def latency(model, example, repeats: int) -> float:
-    args, kwargs = example
-    with torch.no_grad():
-        return median_ms(lambda: model(*args, **kwargs), repeats)
-
-
 def judge(subject: Subject, model, row: dict) -> dict:
-    row["metric"] = subject.evaluate(model)
-    if subject.details is not None:
-        row["details"] = subject.details(model)
+    """The row with ``metric`` (and ``details`` where the subject gives more than one number)."""
+    result = subject.evaluate(model)
+    row["metric"], details = result if isinstance(result, tuple) else (result, None)
+    if details is not None:
+        row["details"] = details
     return row
-
-
-def onnx_columns(path: Path, subject: Subject, repeats: int) -> dict:
-    session = OrtModel(path)
-    args, kwargs = subject.example
-    feeds = session.feeds(*args, **kwargs)
-    return {"size_kib": file_size(path) / 1024, "onnx_ms": median_ms(lambda: session.session.run(None, feeds), repeats)}
 
 
 def timed(run) -> tuple[object, dict]:
@@ -82,9 +71,9 @@ def qcompile_row(subject: Subject, label: str, method: str, quick: bool, workdir
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized.export_onnx(path)
-    row.update(onnx_columns(path, subject, repeats))
+    row.update(onnx_size_and_latency(path, subject.example, repeats))
     if subject.torch_latency:
-        row["torch_ms"] = latency(quantized.to_torch(), subject.example, repeats)
+        row["torch_ms"] = torch_latency_ms(quantized.to_torch(), subject.example, repeats)
     return judge(subject, OrtModel(path) if subject.judge_onnx else quantized, row)
 
 
@@ -98,11 +87,11 @@ def peer_row(subject: Subject, peer, fp32: Path, feeds: list, workdir: Path, rep
     row.update(cost)
     row["artefact"] = "onnx" if isinstance(artefact, Path) else "fake-quant torch" if peer.fake_quant else "torch"
     if isinstance(artefact, Path):
-        row.update(onnx_columns(artefact, subject, repeats))
+        row.update(onnx_size_and_latency(artefact, subject.example, repeats))
         return judge(subject, OrtModel(artefact), row)
     if not peer.fake_quant:
         row["size_kib"] = peers.tensor_bytes(artefact) / 1024
-        row["torch_ms"] = latency(artefact, subject.example, repeats)
+        row["torch_ms"] = torch_latency_ms(artefact, subject.example, repeats)
     return judge(subject, artefact, row)
 
 
@@ -114,8 +103,8 @@ def bench(subject: Subject, quick: bool, workdir: Path, only: str | None = None)
     names = OrtModel(fp32).names
     feeds = [feeds_of(batch, names) for batch in subject.calib]
     rows = [judge(subject, subject.model, {"tool": "float", "method": "-", "scheme": "fp32", "bits": 32,
-                                           "torch_ms": latency(subject.model, subject.example, repeats),
-                                           **onnx_columns(fp32, subject, repeats)})]
+                                           "torch_ms": torch_latency_ms(subject.model, subject.example, repeats),
+                                           **onnx_size_and_latency(fp32, subject.example, repeats)})]
     reference = rows[0]["metric"]
 
     def add(row: dict) -> None:

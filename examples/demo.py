@@ -19,22 +19,17 @@ from pathlib import Path
 import torch
 
 import qcompile
-from benchmarks.common import OrtModel, export_fp32, file_size, median_ms
+from benchmarks.common import OrtModel, export_fp32, onnx_size_and_latency, torch_latency_ms
 
 OUT = Path("out")
 
 
-def measure(label: str, model, judged, metric, example: dict, onnx_path: Path | None, seconds: float) -> dict:
+def measure(label: str, model, judged, metric, example: dict, onnx_path: Path, seconds: float) -> dict:
     """One row: metric (on ``judged``), PyTorch and onnxruntime latency on ``example``, ONNX size."""
-    with torch.no_grad():
-        torch_ms = median_ms(lambda: model(**example), 10)
-    row = {"model": label, "metric": metric(judged), "torch ms": torch_ms, "quantize s": seconds}
-    if onnx_path is not None:
-        session = OrtModel(onnx_path)
-        feeds = session.feeds(**example)
-        row.update({"onnx KiB": file_size(onnx_path) / 1024,
-                    "onnx ms": median_ms(lambda: session.session.run(None, feeds), 10)})
-    return row
+    row = {"model": label, "metric": metric(judged), "quantize s": seconds,
+           "torch ms": torch_latency_ms(model, ((), example), 10)}
+    onnx = onnx_size_and_latency(onnx_path, ((), example), 10)
+    return {**row, "onnx KiB": onnx["size_kib"], "onnx ms": onnx["onnx_ms"]}
 
 
 def quantize(model, calib, config, name: str) -> tuple[qcompile.QuantizedModel, float, Path]:
@@ -53,7 +48,7 @@ def show(title: str, metric_name: str, rows: list[dict]) -> None:
     print(f"  {'model':<34} {metric_name:>11} {'onnx KiB':>9} {'onnx ms':>8} {'torch ms':>9} {'quantize s':>10}"
           "   (torch: the packed PyTorch lowering, QuantizedModel.to_torch())")
     for row in rows:
-        print(f"  {row['model']:<34} {row['metric']:>11.2f} {row.get('onnx KiB', 0):>9.0f} {row.get('onnx ms', 0):>8.2f} "
+        print(f"  {row['model']:<34} {row['metric']:>11.2f} {row['onnx KiB']:>9.0f} {row['onnx ms']:>8.2f} "
               f"{row['torch ms']:>9.2f} {row['quantize s']:>10.1f}")
 
 
